@@ -1,0 +1,183 @@
+"""Adafactor (Shazeer & Stern 2018), numerically the rule of ``transformers.optimization.Adafactor``.
+
+Differences from transformers, on purpose:
+* with ``beta1`` the first moment averages the clipped update U *before* the step size is applied
+  (the paper's rule); transformers averages the already lr-scaled update, which makes the moment
+  depend on the step-size schedule (transformers#34506, fairseq#5561). With ``beta1=None`` (the
+  default) both agree to fp32 round-off.
+* the update runs in cache-sized row blocks with no m x n temporary (see ``memopt.factored``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import MemoptOptimizer, check_beta, check_nonnegative, check_positive, is_finite
+from .factored import (
+    apply_factored_update,
+    apply_weight_decay,
+    as_matrices,
+    clip_divisor,
+    commit_factors,
+    factored_stats,
+    factored_update_into,
+)
+
+
+def decay_beta(step: int, decay_rate: float) -> float:
+    """b_t = 1 - t**decay_rate (b_1 = 0: the first step's factors are just G*G + eps1)."""
+    return 1.0 - math.pow(step, decay_rate)
+
+
+class FactoredSecondMoment(MemoptOptimizer):
+    """Shared body of Adafactor and AdaLomo: factored second moment, RMS clip, relative step."""
+
+    # How weight decay is rounded: as transformers (w += -d*w) or as lomo_optim (w *= 1-d).
+    multiplicative_decay = False
+
+    def _init_state(self, p, state, group):
+        shape = p.shape
+        kw = dict(dtype=torch.float32, device=p.device)
+        if p.dim() >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **kw)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, **kw)
+        if group.get("beta1") is not None:
+            state["exp_avg"] = torch.zeros(shape, **kw)
+
+    def _step_size(self, group: dict, step: int) -> float:
+        """rho_t: the learning rate before parameter scaling."""
+        return group["lr"]
+
+    def _beta2(self, group: dict, step: int) -> float:
+        return decay_beta(step, group["decay_rate"])
+
+    def _update(self, p, grad, state, group, step):
+        eps1, eps2 = group["eps"]
+        beta = self._beta2(group, step)
+        rho = self._step_size(group, step)
+        clip = group["clip_threshold"]
+        wd = group["weight_decay"]
+        beta1 = group.get("beta1")
+        numel_all = p.numel()
+
+        if p.dim() < 2:
+            g2 = grad.square()
+            if not is_finite(g2.sum()):
+                return False
+            v = state["exp_avg_sq"]
+            v.mul_(beta).add_(g2.add_(eps1), alpha=1.0 - beta)
+            u = grad * v.rsqrt()
+            u.div_(clip_divisor(u.square().sum(), u.numel(), clip))
+            lr_t = rho * max(eps2, float(torch.linalg.vector_norm(p)) / math.sqrt(max(numel_all, 1))) if group["scale_parameter"] else rho
+            apply_weight_decay(p, lr_t * wd, self.multiplicative_decay)
+            if beta1 is not None:
+                m = state["exp_avg"]
+                m.mul_(beta1).add_(u, alpha=1.0 - beta1)
+                u = m
+            p.add_(u, alpha=-lr_t)
+            return True
+
+        # >= 2-D: every leading index is its own (m, n) matrix with its own factors.
+        gs, ws = as_matrices(grad), as_matrices(p)
+        rows = state["exp_avg_sq_row"].view(gs.shape[0], -1)
+        cols = state["exp_avg_sq_col"].view(gs.shape[0], -1)
+        stats = [
+            factored_stats(gs[i], rows[i], beta, eps1, w=ws[i] if group["scale_parameter"] else None)
+            for i in range(gs.shape[0])
+        ]
+        if not is_finite(torch.stack([s.row_sq.sum() for s in stats])):
+            return False
+        if group["scale_parameter"]:
+            w_sq = sum(float(s.w_sq) for s in stats)
+            lr_t = rho * max(eps2, math.sqrt(w_sq / numel_all))
+        else:
+            lr_t = rho
+        decay = lr_t * wd
+        exp_avg = as_matrices(state["exp_avg"]) if beta1 is not None else None
+        factors = [commit_factors(st, rows[i], cols[i], beta, eps1) for i, st in enumerate(stats)]
+        # The clip is per parameter tensor: one RMS over all of its matrices.
+        div = clip_divisor(sum(f[2] for f in factors), numel_all, clip)
+        for i, (a, s, _) in enumerate(factors):
+            if exp_avg is None:
+                apply_factored_update(
+                    ws[i], gs[i], a, s, scale=-lr_t / div, decay=decay, multiplicative_decay=self.multiplicative_decay
+                )
+            else:
+                # M = beta1*M + (1-beta1)*U, then W = W*decay - lr_t*M
+                m = exp_avg[i]
+                m.mul_(beta1)
+                u = torch.empty_like(m)
+                factored_update_into(u, gs[i], a, s, scale=(1.0 - beta1) / div)
+                m.add_(u)
+                apply_weight_decay(ws[i], decay, self.multiplicative_decay)
+                ws[i].add_(m, alpha=-lr_t)
+        return True
+
+
+class Adafactor(FactoredSecondMoment):
+    """Adafactor with transformers' options and defaults.
+
+    Args:
+        lr: external learning rate; must be None when ``relative_step`` (the step size is then
+            min(1e-2, 1/sqrt(t)), or min(1e-6*t, 1/sqrt(t)) with ``warmup_init``).
+        eps: (eps1 added to G*G, eps2 lower bound of RMS(W) for the parameter scale).
+        clip_threshold: the update is divided by max(1, RMS(U)/clip_threshold).
+        decay_rate: b_t = 1 - t**decay_rate for the second-moment EMA.
+        beta1: first-moment coefficient, None (default) keeps no first moment.
+        weight_decay: W -= weight_decay * alpha_t * W (alpha_t the scaled step size).
+        scale_parameter: scale the step by max(eps2, RMS(W)).
+        relative_step: time-dependent step size instead of ``lr``.
+        warmup_init: linear warm-up of the relative step.
+        on_nonfinite: "skip" (default) or "raise" for gradients holding inf/nan.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        on_nonfinite: str = "skip",
+    ):
+        if lr is not None and relative_step:
+            raise ValueError("Adafactor: lr must be None when relative_step=True (pass relative_step=False to use lr)")
+        if lr is None and not relative_step:
+            raise ValueError("Adafactor: relative_step=False needs an lr")
+        if warmup_init and not relative_step:
+            raise ValueError("Adafactor: warmup_init=True requires relative_step=True")
+        check_positive("lr", lr, allow_none=True)
+        _check_common(eps, clip_threshold, decay_rate, weight_decay)
+        if beta1 is not None:
+            check_beta("beta1", beta1)
+        defaults = dict(
+            lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+
+    def _step_size(self, group, step):
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            return min(min_step, 1.0 / math.sqrt(step))
+        return group["lr"]
+
+
+def _check_common(eps, clip_threshold, decay_rate, weight_decay):
+    if len(tuple(eps)) != 2:
+        raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
+    check_nonnegative("eps[0]", eps[0])
+    check_nonnegative("eps[1]", eps[1])
+    check_positive("clip_threshold", clip_threshold)
+    if not decay_rate < 0:
+        raise ValueError(f"decay_rate must be negative (b_t = 1 - t**decay_rate), got {decay_rate!r}")
+    check_nonnegative("weight_decay", weight_decay)

@@ -1,0 +1,124 @@
+"""CAME (Luo et al., 2023): Adafactor's factored second moment plus a confidence-guided step.
+
+Numerically the rule of ``came_pytorch.CAME`` (ALGORITHMS.md): constant beta2 for the factored
+second moment, RMS clip of U, first moment M, and a second factored EMA (beta3) of the
+instability (U - M)^2 + eps2 that scales the step. Computed in three row-block passes with no
+m x n temporary besides the first moment the algorithm keeps.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import MemoptOptimizer, check_beta, check_nonnegative, check_positive, is_finite
+from .factored import _scratch, apply_weight_decay, as_matrices, clip_divisor, commit_factors, factored_stats, row_slices
+
+
+class CAME(MemoptOptimizer):
+    """CAME.
+
+    Args:
+        lr: learning rate (required).
+        eps: (eps1 added to G*G, eps2 added to the instability (U - M)^2).
+        clip_threshold: U is divided by max(1, RMS(U)/clip_threshold).
+        betas: (beta1 first moment, beta2 second moment, beta3 instability).
+        weight_decay: W -= lr * weight_decay * W.
+        on_nonfinite: "skip" (default) or "raise".
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        weight_decay: float = 0.0,
+        on_nonfinite: str = "skip",
+    ):
+        if lr is None:
+            raise ValueError("CAME: lr is required (e.g. lr=2e-4)")
+        check_positive("lr", lr)
+        if len(tuple(betas)) != 3:
+            raise ValueError(f"CAME: betas must be (beta1, beta2, beta3), got {betas!r}")
+        for name, b in zip(("beta1", "beta2", "beta3"), betas):
+            check_beta(name, b)
+        if len(tuple(eps)) != 2:
+            raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
+        check_nonnegative("eps[0]", eps[0])
+        check_nonnegative("eps[1]", eps[1])
+        check_positive("clip_threshold", clip_threshold)
+        check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas), weight_decay=weight_decay)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+
+    def _init_state(self, p, state, group):
+        kw = dict(dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros(p.shape, **kw)
+        if p.dim() >= 2:
+            lead, m, n = p.shape[:-2], p.shape[-2], p.shape[-1]
+            state["exp_avg_sq_row"] = torch.zeros(*lead, m, **kw)
+            state["exp_avg_sq_col"] = torch.zeros(*lead, n, **kw)
+            state["exp_avg_res_row"] = torch.zeros(*lead, m, **kw)
+            state["exp_avg_res_col"] = torch.zeros(*lead, n, **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
+
+    def _update(self, p, grad, state, group, step):
+        beta1, beta2, beta3 = group["betas"]
+        eps1, eps2 = group["eps"]
+        lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
+        exp_avg = state["exp_avg"]
+
+        if p.dim() < 2:
+            g2 = grad.square()
+            if not is_finite(g2.sum()):
+                return False
+            v = state["exp_avg_sq"]
+            v.mul_(beta2).add_(g2.add_(eps1), alpha=1.0 - beta2)
+            u = grad * v.rsqrt()
+            u.div_(clip_divisor(u.square().sum(), u.numel(), clip))
+            exp_avg.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            apply_weight_decay(p, lr * wd, multiplicative=False)
+            p.add_(exp_avg, alpha=-lr)
+            return True
+
+        gs, ws, ms = as_matrices(grad), as_matrices(p), as_matrices(exp_avg)
+        count = gs.shape[0]
+        sq_rows = state["exp_avg_sq_row"].view(count, -1)
+        sq_cols = state["exp_avg_sq_col"].view(count, -1)
+        res_rows = state["exp_avg_res_row"].view(count, -1)
+        res_cols = state["exp_avg_res_col"].view(count, -1)
+        stats = [factored_stats(gs[i], sq_rows[i], beta2, eps1) for i in range(count)]
+        if not is_finite(torch.stack([s.row_sq.sum() for s in stats])):
+            return False
+        factors = [commit_factors(st, sq_rows[i], sq_cols[i], beta2, eps1) for i, st in enumerate(stats)]
+        div = clip_divisor(sum(f[2] for f in factors), p.numel(), clip)
+        for i, (a, s, _) in enumerate(factors):
+            g, w, m = gs[i], ws[i], ms[i]
+            rows_n, cols_n = g.shape
+            scratch = _scratch(g, None)
+            res_row_sum = torch.empty(rows_n, dtype=torch.float32, device=g.device)
+            res_col_sum = torch.zeros(cols_n, dtype=torch.float32, device=g.device)
+            coef = a / div
+            # Pass 2: U (clipped), M = beta1*M + (1-beta1)*U, instability sums of (U - M)^2 + eps2.
+            for sl in row_slices(rows_n, cols_n):
+                k = sl.stop - sl.start
+                u = torch.mul(g[sl], coef[sl, None], out=scratch[: k * cols_n].view(k, cols_n)).mul_(s)
+                mb = m[sl]
+                mb.mul_(beta1).add_(u, alpha=1.0 - beta1)
+                res = u.sub_(mb).square_()
+                torch.sum(res, dim=1, out=res_row_sum[sl])
+                res_col_sum.add_(res.sum(dim=0))
+            # Instability EMA (beta3) of the means of (U - M)^2 + eps2, as r and c above.
+            rr, rc = res_rows[i], res_cols[i]
+            rr.mul_(beta3).add_(res_row_sum.div_(cols_n).add_(eps2), alpha=1.0 - beta3)
+            rc.mul_(beta3).add_(res_col_sum.div_(rows_n).add_(eps2), alpha=1.0 - beta3)
+            ra = torch.rsqrt(rr / rr.mean()) * (-lr)
+            rs = torch.rsqrt(rc)
+            # Pass 3: W = W - lr*wd*W - lr * M * ra[:, None] * rs[None, :]
+            for sl in row_slices(rows_n, cols_n):
+                k = sl.stop - sl.start
+                wb = w[sl]
+                apply_weight_decay(wb, lr * wd, multiplicative=False)
+                wb.addcmul_(torch.mul(m[sl], ra[sl, None], out=scratch[: k * cols_n].view(k, cols_n)), rs)
+        return True

@@ -1,0 +1,201 @@
+"""Fused backward: update each parameter inside backward, as soon as its gradient is final.
+
+This is where LOMO/AdaLomo save memory: the gradient of a parameter is consumed and freed by
+its update during ``loss.backward()``, so the full set of gradients is never resident (at most
+the gradients autograd is still accumulating plus one being consumed).
+
+Usage (single process)::
+
+    opt = memopt.AdaLomo(model.parameters(), lr=1e-3)
+    for batch in loader:
+        loss = model(batch)
+        opt.fused_backward(loss)      # backward + update + free; no opt.step(), no zero_grad()
+
+``opt.step()`` after an ordinary ``loss.backward()`` computes exactly the same update, so a
+training loop can switch modes (gradient accumulation needs the ordinary mode: the update of a
+fused step happens during the backward of each micro-batch).
+
+Global-norm clipping (``clip_grad_norm``) needs the norm of *all* gradients before the first
+update, so fused mode then runs two backward passes over the same graph: the first only sums
+squared gradient norms (and frees each gradient at once), the second updates. It costs one extra
+backward and keeps the autograd graph alive between the two (``retain_graph=True``); the
+gradients are still never all resident. fp16 uses the same first pass to find overflows before
+any parameter moves (dynamic loss scaling, below).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import MemoptOptimizer, check_positive
+
+# The reference adds this to the norm before dividing (lomo_optim); kept for parity.
+_NORM_EPS = 1e-6
+
+
+@dataclass
+class DynamicLossScaler:
+    """Loss scale for fp16 backward: halve on overflow, double after ``growth_interval`` clean steps.
+
+    (The LOMO reference never grows its scale back; this one does, as torch.amp.GradScaler.)
+    """
+
+    scale: float = 2.0**16
+    growth_interval: int = 1000
+    factor: float = 2.0
+    min_scale: float = 1.0
+    clean_steps: int = 0
+    overflows: int = 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.overflows += 1
+            self.clean_steps = 0
+            self.scale = max(self.min_scale, self.scale / self.factor)
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.growth_interval:
+                self.scale *= self.factor
+                self.clean_steps = 0
+
+
+class FusedBackwardOptimizer(MemoptOptimizer):
+    """Adds ``fused_backward``, gradient clipping (value, global norm) and fp16 loss scaling.
+
+    Subclasses pass ``clip_grad_norm``, ``clip_grad_value`` and the loss-scaler settings through
+    ``__init__``; the per-parameter rule stays in ``_update``.
+    """
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        loss_scale: float = 2.0**16,
+        loss_scale_growth_interval: int = 1000,
+        on_nonfinite: str = "skip",
+    ):
+        check_positive("clip_grad_norm", clip_grad_norm, allow_none=True)
+        check_positive("clip_grad_value", clip_grad_value, allow_none=True)
+        check_positive("loss_scale", loss_scale)
+        if loss_scale_growth_interval < 1:
+            raise ValueError(f"loss_scale_growth_interval must be >= 1, got {loss_scale_growth_interval!r}")
+        defaults = dict(defaults, clip_grad_value=clip_grad_value)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        self.clip_grad_norm = clip_grad_norm
+        self.loss_scaler = DynamicLossScaler(scale=float(loss_scale), growth_interval=loss_scale_growth_interval)
+
+    # -- gradient preprocessing, identical in both modes ------------------------------------
+    def _params_in_order(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield p, group
+
+    @staticmethod
+    def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+        g = g.float()
+        return torch.dot(g.reshape(-1), g.reshape(-1))
+
+    def _clip_coef(self, sq_norms: list[torch.Tensor]) -> float | None:
+        """min(1, max_norm / (||g|| + 1e-6)) from per-parameter squared norms in parameter order."""
+        if self.clip_grad_norm is None or not sq_norms:
+            return None
+        total = math.sqrt(float(torch.stack(sq_norms).sum()))
+        return min(1.0, self.clip_grad_norm / (total + _NORM_EPS))
+
+    def _prepare_grad(self, g: torch.Tensor, group: dict, coef: float | None, unscale: float | None) -> torch.Tensor:
+        g = g.float()
+        if unscale is not None:
+            g = g / unscale  # a power of two: exact
+        if group["clip_grad_value"] is not None:
+            g = g.clamp(-group["clip_grad_value"], group["clip_grad_value"])
+        if coef is not None and coef < 1.0:
+            g = g * coef
+        return g
+
+    # -- ordinary mode ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grad = [(p, g) for p, g in self._params_in_order() if p.grad is not None]
+        coef = self._clip_coef([self._sq_norm(p.grad) for p, _ in with_grad]) if self.clip_grad_norm else None
+        for p, group in with_grad:
+            self.update_param(p, self._prepare_grad(p.grad, group, coef, None), group)
+        return loss
+
+    # -- fused mode ---------------------------------------------------------------------------
+    def _uses_loss_scaling(self, loss: torch.Tensor) -> bool:
+        return loss.dtype == torch.float16 or any(p.dtype == torch.float16 for p, _ in self._params_in_order())
+
+    def fused_backward(self, loss: torch.Tensor) -> bool:
+        """Backward of ``loss`` with every parameter updated as soon as its gradient is final.
+
+        Returns False when the step was skipped because the fp16 loss scale overflowed.
+        """
+        params = [(p, g) for p, g in self._params_in_order() if p.requires_grad]
+        if any(p.grad is not None for p, _ in params):
+            raise RuntimeError(
+                f"{type(self).__name__}.fused_backward: parameters already hold gradients; fused mode "
+                "updates inside each backward, so it cannot accumulate micro-batches. Call "
+                "zero_grad(set_to_none=True) first, or use loss.backward() + step() for accumulation."
+            )
+        scaled = self._uses_loss_scaling(loss)
+        unscale = self.loss_scaler.scale if scaled else None
+        scaled_loss = loss * unscale if scaled else loss
+
+        coef = None
+        if self.clip_grad_norm is not None or scaled:
+            sq = {}
+
+            def collect(p):
+                g = p.grad
+                p.grad = None
+                sq[p] = self._sq_norm(g if unscale is None else g.float() / unscale)
+
+            self._run_backward(scaled_loss, params, collect, retain_graph=True)
+            sq_norms = [sq[p] for p, _ in params if p in sq]
+            if scaled:
+                overflow = bool(sq_norms) and not bool(torch.isfinite(torch.stack(sq_norms).sum()))
+                if overflow:
+                    self.loss_scaler.update(overflow=True)
+                    return False
+            coef = self._clip_coef(sq_norms)
+
+        def update(p):
+            g = p.grad
+            p.grad = None
+            group = self.group_of(p)
+            self.update_param(p, self._prepare_grad(g, group, coef, unscale), group)
+
+        self._run_backward(scaled_loss, params, update, retain_graph=False)
+        if scaled:
+            self.loss_scaler.update(overflow=False)
+        return True
+
+    @staticmethod
+    def _run_backward(loss, params, fn, retain_graph: bool) -> None:
+        handles = [p.register_post_accumulate_grad_hook(fn) for p, _ in params]
+        try:
+            loss.backward(retain_graph=retain_graph)
+        finally:
+            for h in handles:
+                h.remove()
+
+    # -- checkpointing: the loss scaler travels with the optimizer state ------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["loss_scaler"] = dict(vars(self.loss_scaler))
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        scaler = state_dict.pop("loss_scaler", None)
+        super().load_state_dict(state_dict)
+        if scaler is not None:
+            self.loss_scaler = DynamicLossScaler(**scaler)
