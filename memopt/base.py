@@ -136,17 +136,23 @@ class MemoptOptimizer(Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of tensor state really held by this optimizer (what a user pays in memory)."""
-        seen: set[int] = set()
-        total = 0
-        for s in self.state.values():
-            for v in s.values():
-                if torch.is_tensor(v):
-                    storage = v.untyped_storage()
-                    if storage.data_ptr() in seen:
-                        continue
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-        return total
+        return optimizer_state_bytes(self)
+
+
+def optimizer_state_bytes(opt: Optimizer) -> int:
+    """Bytes of the tensor storages in ``opt.state`` (any torch optimizer), each counted once."""
+    seen: set[int] = set()
+    total = 0
+    for s in opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v):
+                storage = v.untyped_storage()
+                key = storage.data_ptr()
+                if key and key in seen:
+                    continue
+                seen.add(key)
+                total += storage.nbytes()
+    return total
 
 
 def is_finite(x: torch.Tensor) -> bool:

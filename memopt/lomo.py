@@ -5,8 +5,16 @@ W = W * (1 - lr * weight_decay) - lr * G. No optimizer state beyond a step count
 """
 from __future__ import annotations
 
+import torch
+
 from .base import check_nonnegative, check_positive, is_finite
+from .factored import row_slices
 from .fused import FusedBackwardOptimizer
+
+
+# 16 MiB blocks: a block checked by the dot product is still in the (large, shared) L3 cache
+# when the update reads it; smaller blocks pay a thread-pool synchronisation per op.
+_BLOCK_ELEMS = 1 << 22
 
 
 class Lomo(FusedBackwardOptimizer):
@@ -45,11 +53,33 @@ class Lomo(FusedBackwardOptimizer):
         pass  # stateless beyond the step counter the base class keeps
 
     def _update(self, p, grad, state, group, step):
-        flat = grad.reshape(-1)
-        if not is_finite(flat.dot(flat)):
-            return False
         lr, wd = group["lr"], group["weight_decay"]
-        if wd:
-            p.mul_(1.0 - lr * wd)
-        p.add_(grad, alpha=-lr)
+        w, g = p.view(-1), grad.reshape(-1)
+        if w.is_cuda:
+            # On a GPU a host sync per block would stall the stream: check once, then update.
+            if not is_finite(torch.dot(g, g)):
+                return False
+            _sgd_(w, g, lr, wd)
+            return True
+        # On CPU, check and update block by block, so G is read from memory once (the check
+        # leaves the block in cache for the update). A non-finite block rolls the blocks already
+        # updated back (W = (W + lr*G) / (1 - lr*wd)): W returns to its value up to one rounding
+        # per element, and the state cannot be poisoned.
+        done = []
+        for sl in row_slices(w.numel(), 1, _BLOCK_ELEMS):
+            gb = g[sl]
+            if not is_finite(torch.dot(gb, gb)):
+                for prev in done:
+                    w[prev].add_(g[prev], alpha=lr)
+                    if wd:
+                        w[prev].div_(1.0 - lr * wd)
+                return False
+            _sgd_(w[sl], gb, lr, wd)
+            done.append(sl)
         return True
+
+
+def _sgd_(w: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:
+    if wd:
+        w.mul_(1.0 - lr * wd)
+    w.add_(g, alpha=-lr)
