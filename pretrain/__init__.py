@@ -1,0 +1,12 @@
+"""Megatron-style pretraining framework: models (pretrain.models), data (pretrain.data).
+
+Importing ``pretrain`` is cheap; megatron-core is imported by the subpackages that need it.
+"""
+
+import warnings
+
+# megatron-core warns at import time that Apex / Transformer Engine are absent and that it falls
+# back to torch implementations. That is the expected state on CPU machines; silence just those.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed")
+
+__version__ = "0.1.0"

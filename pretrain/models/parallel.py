@@ -1,0 +1,83 @@
+"""Set up (and tear down) torch.distributed and megatron's model-parallel state.
+
+megatron-core layers look up their tensor-parallel group in ``megatron.core.parallel_state``, so
+that state must exist before a model is built, even in a single process. Launchers (deepspeed,
+torchrun) set RANK / WORLD_SIZE / MASTER_ADDR; a plain ``python`` process gets a private 1-rank
+gloo group that needs no port.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from pretrain import cpu_compat
+
+
+def ensure_process_group(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+    """Initialize torch.distributed if nobody has yet.
+
+    Under a launcher (WORLD_SIZE set) this joins the launcher's world through ``env://``;
+    otherwise it creates a 1-process group backed by an in-memory store.
+    """
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if cpu_compat.cuda_available() else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+
+
+def init_model_parallel(
+    tensor_parallel_size: int = 1,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> None:
+    """Make megatron's parallel state ready for building models with the given TP size.
+
+    Idempotent for the same TP size; re-initializes when a different size is asked for.
+    ``seed`` (same on every rank) seeds python/numpy/torch, and the CUDA RNG tracker on GPU.
+    """
+    ensure_process_group(backend)
+    world = dist.get_world_size()
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} must divide the world size {world}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
+            if seed is not None:
+                cpu_compat.seed_all(seed)
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    if seed is not None:
+        cpu_compat.seed_all(seed)
+
+
+def destroy_model_parallel(destroy_process_group: bool = False) -> None:
+    """Undo ``init_model_parallel`` (and optionally the process group itself)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tensor_parallel_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tensor_parallel_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
