@@ -133,8 +133,15 @@ class FusedBackwardOptimizer(MemoptOptimizer):
     def _uses_loss_scaling(self, loss: torch.Tensor) -> bool:
         return loss.dtype == torch.float16 or any(p.dtype == torch.float16 for p, _ in self._params_in_order())
 
-    def fused_backward(self, loss: torch.Tensor) -> bool:
+    def fused_backward(self, loss: torch.Tensor, recompute_loss=None) -> bool:
         """Backward of ``loss`` with every parameter updated as soon as its gradient is final.
+
+        When a first, norm-only pass is needed (``clip_grad_norm`` or fp16 loss scaling), the
+        second pass normally reuses the graph (``retain_graph=True``). Pass ``recompute_loss``
+        (a callable re-running the forward on the same batch, with the same RNG state) to
+        recompute the graph instead: one extra forward, no retained graph, and it works with
+        autograd functions that modify saved tensors in their backward (megatron's fused
+        cross-entropy does).
 
         Returns False when the step was skipped because the fp16 loss scale overflowed.
         """
@@ -158,7 +165,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
                 p.grad = None
                 sq[p] = self._sq_norm(g if unscale is None else g.float() / unscale)
 
-            self._run_backward(scaled_loss, params, collect, retain_graph=True)
+            self._run_backward(scaled_loss, params, collect, retain_graph=recompute_loss is None)
             sq_norms = [sq[p] for p, _ in params if p in sq]
             if scaled:
                 overflow = bool(sq_norms) and not bool(torch.isfinite(torch.stack(sq_norms).sum()))
@@ -173,6 +180,8 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             group = self.group_of(p)
             self.update_param(p, self._prepare_grad(g, group, coef, unscale), group)
 
+        if recompute_loss is not None and (self.clip_grad_norm is not None or scaled):
+            scaled_loss = recompute_loss() * unscale if scaled else recompute_loss()
         self._run_backward(scaled_loss, params, update, retain_graph=False)
         if scaled:
             self.loss_scaler.update(overflow=False)

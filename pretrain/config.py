@@ -1,0 +1,226 @@
+"""Run configs: YAML files checked into typed objects before any work starts.
+
+    cfg = load_run_config("configs/gpt_demo.yaml", ["optimizer.lr=3e-4", "train.steps=100"])
+
+An unknown key, a wrong type, a bad value or a missing file raises ``ConfigError`` with one line
+that names the key (and the close matches for a typo). Dotted overrides use YAML syntax for the
+value, so ``train.steps=100`` is an int and ``optimizer.hparams={weight_decay: 0.1}`` a mapping.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message is one line saying what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    kind: Literal["gpt", "bert"] = "gpt"
+    preset: str = "demo"
+    # Any field of pretrain.models.GPTConfig / BertConfig, e.g. {num_layers: 4, hidden_dropout: 0.0}.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(_Section):
+    # Megatron-style blend: ["prefix"] or ["0.7", "prefix_a", "0.3", "prefix_b"]. Empty = the
+    # bundled corpus (prepared on first use under cache_dir).
+    blend: list[str] = Field(default_factory=list)
+    tokenizer: str = "data/tokenizer/spm_bpe_8k.model"
+    split: str = "98,1,1"
+    cache_dir: str = "data/cache"
+    num_workers: int = Field(0, ge=0)
+
+
+class OptimizerSection(_Section):
+    name: str = "adalomo"
+    lr: float = Field(1e-3, gt=0)
+    # Any other hyperparameter of the optimizer (checked by memopt.create_optimizer's list).
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    # "auto": fused backward for optimizers that have it (lomo, adalomo) unless gradient
+    # accumulation is on, where it falls back to ordinary steps (the update would otherwise
+    # happen on every micro-batch).
+    fused_backward: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from memopt.registry import optimizer_class
+
+        optimizer_class(v)  # raises ValueError naming the choices
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _known_hparams(self):
+        from memopt.registry import optimizer_hparams
+
+        valid = set(optimizer_hparams(self.name))
+        for key in self.hparams:
+            if key == "lr":
+                raise ValueError("set the learning rate as optimizer.lr, not optimizer.hparams.lr")
+            if key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown hyperparameter {key!r} for {self.name}{hint}; valid: {', '.join(sorted(valid))}")
+        return self
+
+
+class ScheduleSection(_Section):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    seq_length: int | None = Field(None, ge=8)  # default: the model preset's
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=0)  # 0 = never
+    eval_iters: int = Field(4, ge=1)
+    max_nonfinite_in_a_row: int = Field(5, ge=1)
+    progress_bar: bool = True
+
+
+class CheckpointSection(_Section):
+    dir: str | None = None  # default: <output_dir>/checkpoints
+    every: int = Field(0, ge=0)  # 0 = only the final checkpoint
+    keep_last: int = Field(2, ge=1)
+    resume: str = "auto"  # "auto" (latest in dir if any), "none", or a checkpoint path
+    save_final: bool = True
+
+
+class EngineSection(_Section):
+    # "auto": deepspeed when launched by the deepspeed launcher, ddp under torchrun with more
+    # than one process, else single.
+    kind: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = "auto"
+    zero_stage: int = Field(2, ge=0, le=3)
+    # A DeepSpeed JSON file; when set it is used as is (batch sizes are checked against train.*).
+    deepspeed_config: str | None = None
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/default"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+def _fields_at(path: tuple) -> list[str]:
+    """Field names valid at a dotted location (for close-match hints)."""
+    model: Any = RunConfig
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(x for x in e["loc"] if isinstance(x, str))
+    key = ".".join(loc) or "<root>"
+    if e["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
+        return f"config key {key!r}: {msg} (got {e['input']!r})"
+    return f"config key {key!r}: {msg}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+    _check_files(cfg)
+    return cfg
+
+
+def _check_files(cfg: RunConfig) -> None:
+    if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
+        raise ConfigError(f"config key 'engine.deepspeed_config': file not found: {cfg.engine.deepspeed_config}")
+    tok = Path(cfg.data.tokenizer)
+    if not tok.is_file():
+        raise ConfigError(f"config key 'data.tokenizer': file not found: {tok}")
+    for item in cfg.data.blend:
+        try:
+            float(item)
+            continue
+        except ValueError:
+            pass
+        if not Path(item + ".idx").is_file() or not Path(item + ".bin").is_file():
+            raise ConfigError(f"config key 'data.blend': no Megatron dataset at prefix {item!r} ({item}.bin/.idx)")
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(f"config key 'checkpoint.resume': checkpoint not found: {cfg.checkpoint.resume}")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return json.dumps(cfg.model_dump(), indent=1)

@@ -1,0 +1,1 @@
+"""Training: engines (single, DDP, FSDP2, DeepSpeed), the loop, checkpoints, logging."""

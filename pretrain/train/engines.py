@@ -1,0 +1,207 @@
+"""Engines: how a model and its optimizer are run on one or many processes.
+
+The model knows nothing of these; an engine wraps it from outside (single process, DDP, FSDP2
+or DeepSpeed), owns the optimizer and LR schedule, and knows how to save and load them. The
+trainer only calls ``backward``, ``step``, ``skip_step``, ``save`` and ``load``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import memopt
+from memopt.registry import FUSED_BACKWARD
+
+from .schedule import build_scheduler
+
+
+def dist_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def dist_world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def optimizer_kwargs(cfg) -> dict:
+    """Hyperparameters for memopt.create_optimizer from the run config."""
+    kw = dict(cfg.optimizer.hparams)
+    kw["lr"] = cfg.optimizer.lr
+    # Fused-backward optimizers clip inside backward (two-pass); the others are clipped by the engine.
+    if cfg.optimizer.name in FUSED_BACKWARD and cfg.train.clip_grad_norm is not None:
+        kw.setdefault("clip_grad_norm", cfg.train.clip_grad_norm)
+    return kw
+
+
+def use_fused_backward(cfg) -> bool:
+    """Fused backward is the default for lomo/adalomo; with gradient accumulation it falls back to
+    ordinary steps (documented), unless the user forced it on, which is an error."""
+    if cfg.optimizer.name not in FUSED_BACKWARD or cfg.optimizer.fused_backward == "off":
+        return False
+    if cfg.train.grad_accum_steps > 1:
+        if cfg.optimizer.fused_backward == "on":
+            raise ValueError(
+                "optimizer.fused_backward=on cannot be combined with train.grad_accum_steps > 1: the fused "
+                "update runs inside every micro-batch's backward; set fused_backward=auto to fall back to "
+                "ordinary steps"
+            )
+        return False
+    return True
+
+
+class Engine:
+    """Single process; also the base of DDP and FSDP2 (they differ in wrapping and checkpoints)."""
+
+    name = "single"
+
+    def __init__(self, model: torch.nn.Module, cfg):
+        self.cfg = cfg
+        self.module = model  # the unwrapped model (for export and evaluation)
+        self.model = self.wrap(model)
+        self.fused = use_fused_backward(cfg)
+        self.optimizer = memopt.create_optimizer(cfg.optimizer.name, self.model.parameters(), **optimizer_kwargs(cfg))
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio
+        )
+        self._clip = None if cfg.optimizer.name in FUSED_BACKWARD else cfg.train.clip_grad_norm
+        # In fused mode optimizer.step() is never called (updates run inside backward), which
+        # LambdaLR mistakes for a wrong call order.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+
+    def wrap(self, model):
+        return model
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor, recompute_loss=None) -> None:
+        """``recompute_loss`` re-runs the forward of this micro-batch (fused two-pass clipping)."""
+        if self.fused:
+            self.optimizer.fused_backward(loss, recompute_loss=recompute_loss)
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if not self.fused:
+            if self._clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (non-finite loss); the schedule does not advance."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints: full (unsharded) model and optimizer state, written by rank 0 -----------
+    def save(self, path: Path) -> None:
+        if dist_rank() == 0:
+            torch.save(self.module.state_dict(), path / "model.pt")
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path) -> None:
+        self.module.load_state_dict(_load(path / "model.pt"))
+        self.optimizer.load_state_dict(_load(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt file: say which one
+        raise RuntimeError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def wrap(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.cfg.optimizer.name in FUSED_BACKWARD and self.cfg.train.grad_accum_steps == 1:
+            # The fused update must see the averaged gradient, which DDP only has after its
+            # all-reduce: ordinary steps until the DDP comm hook route lands.
+            self.cfg.optimizer.fused_backward = "off" if self.cfg.optimizer.fused_backward == "auto" else "on"
+            if self.cfg.optimizer.fused_backward == "on":
+                raise ValueError("optimizer.fused_backward=on is not supported under DDP yet; use auto or off")
+        return DistributedDataParallel(model)
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+
+    def wrap(self, model):
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard each transformer layer, then the root (embeddings, final norm, head).
+        for layer in _transformer_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        if self.cfg.optimizer.name in FUSED_BACKWARD and self.cfg.optimizer.fused_backward == "auto":
+            self.cfg.optimizer.fused_backward = "off"
+        return model
+
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
+        if dist_rank() == 0:
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
+
+
+def _transformer_layers(model):
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if layers is None:
+        for m in model.modules():
+            if hasattr(m, "layers") and isinstance(m.layers, torch.nn.ModuleList):
+                return list(m.layers)
+        return []
+    return list(layers)
+
+
+def select_engine_kind(cfg) -> str:
+    kind = cfg.engine.kind
+    if kind != "auto":
+        return kind
+    if os.environ.get("DEEPSPEED_LAUNCHED") or "DS_ACCELERATOR" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "deepspeed"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def build_engine(model, cfg, kind: str):
+    if kind == "single":
+        return Engine(model, cfg)
+    if kind == "ddp":
+        return DDPEngine(model, cfg)
+    if kind == "fsdp2":
+        return FSDP2Engine(model, cfg)
+    if kind == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg)
+    raise ValueError(f"unknown engine {kind!r}")
