@@ -1,0 +1,155 @@
+"""The training loop: resume equality, non-finite losses, bad configs, engines."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
+CACHE = str(ROOT / "data/cache")
+PY = sys.executable
+
+
+def _cfg(tmp_path, *overrides):
+    from pretrain.config import load_run_config
+
+    base = [
+        f"output_dir={tmp_path}", f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}",
+        "train.progress_bar=false", "train.eval_every=0", "checkpoint.every=0",
+    ]
+    return load_run_config(str(ROOT / "configs/gpt_tiny.yaml"), base + list(overrides))
+
+
+def _losses(out_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("optimizer", ["adalomo", "adafactor"])
+def test_resume_continues_the_same_loss_curve(tmp_path, optimizer):
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import train
+
+    straight = tmp_path / "straight"
+    train(_cfg(straight, "train.steps=6", f"optimizer.name={optimizer}"), GPT)
+    # The same run, checkpointed at step 3 (as a job killed after step 3 would have left it),
+    # then resumed in a fresh run for the last 3 steps.
+    split2 = tmp_path / "split2"
+    summary = train(_cfg(split2, "train.steps=6", f"optimizer.name={optimizer}", "checkpoint.every=3"), GPT)
+    assert summary["steps"] == 6
+    resumed = tmp_path / "resumed"
+    ckpt3 = split2 / "checkpoints" / "step_00000003"
+    assert (ckpt3 / "trainer.json").is_file()
+    train(_cfg(resumed, "train.steps=6", f"optimizer.name={optimizer}", f"checkpoint.resume={ckpt3}"), GPT)
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert a[step] == b[step], (step, a[step], b[step])
+    assert _losses(split2) == a  # and the run with periodic checkpoints is the same run
+
+
+def test_resume_auto_picks_the_latest_complete_checkpoint(tmp_path):
+    from pretrain.train.checkpoint import list_checkpoints, resolve_resume
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import train
+
+    train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"), GPT)
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000004"]  # keep_last=1 removed step 2
+    # A crash mid-save leaves a .tmp directory and an incomplete one: both are ignored.
+    (tmp_path / "checkpoints" / "step_00000006.tmp").mkdir()
+    (tmp_path / "checkpoints" / "step_00000008").mkdir()
+    assert resolve_resume(tmp_path / "checkpoints", "auto") == ckpts[0]
+    summary = train(_cfg(tmp_path, "train.steps=5"), GPT)
+    assert summary["steps"] == 5
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5]  # steps 5 appended after the resume
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tmp_path):
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import TrainingError, train
+
+    calls = {"n": 0}
+    bad_calls = {2, 5, 6, 7}
+
+    def flaky_loss(model, batch):
+        calls["n"] += 1
+        loss, extra = GPT.loss_fn(model, batch)
+        return (loss * float("nan") if calls["n"] in bad_calls else loss), extra
+
+    summary = train(_cfg(tmp_path / "a", "train.steps=4", "optimizer.name=adafactor"), GPT, loss_fn=flaky_loss)
+    assert summary["nonfinite_skipped_steps"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no nan logged as a loss
+    calls["n"] = 0
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train(_cfg(tmp_path / "b", "train.steps=8", "optimizer.name=adafactor", "train.max_nonfinite_in_a_row=3"), GPT, loss_fn=flaky_loss)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stpes=3", "unknown config key 'train.stpes' (did you mean 'steps'?)"),
+        ("train.steps=many", "config key 'train.steps'"),
+        ("optimizer.name=adamm", "unknown optimizer 'adamm' (did you mean 'adamw'?)"),
+        ("engine.deepspeed_config=/nope.json", "file not found: /nope.json"),
+        ("optimizer.hparams={betas: [0.9, 0.99]}", "unknown hyperparameter 'betas' for adalomo"),
+    ],
+)
+def test_bad_config_is_a_one_line_error_before_any_work(tmp_path, override, message):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [PY, str(ROOT / "launch/pretrain_gpt.py"), "--config", str(ROOT / "configs/gpt_tiny.yaml"),
+         f"output_dir={out}", f"data.tokenizer={TOKENIZER}", override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not out.exists()  # nothing was started
+
+
+def test_missing_config_file_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([PY, str(ROOT / "launch/pretrain_gpt.py"), "--config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def _torchrun(tmp_path, nproc, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+           str(ROOT / "launch/pretrain_gpt.py"), "--config", str(ROOT / "configs/gpt_tiny.yaml"),
+           f"output_dir={tmp_path}", f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}",
+           "train.progress_bar=false", "train.eval_every=0", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine, optimizer", [("ddp", "adafactor"), ("fsdp2", "adamw")])
+def test_multiprocess_engines_train_and_resume_at_another_world_size(tmp_path, engine, optimizer):
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import train
+
+    _torchrun(tmp_path, 2, f"engine.kind={engine}", f"optimizer.name={optimizer}", "train.steps=4", "checkpoint.every=2")
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # Resume the 2-process run in one process (the data position is counted in global samples).
+    if engine == "ddp":
+        summary = train(_cfg(tmp_path, "train.steps=6", f"optimizer.name={optimizer}", "engine.kind=single"), GPT)
+        assert summary["steps"] == 6
