@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .base import MemoptOptimizer, check_beta, check_nonnegative, check_positive, is_finite
+from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .sharding import Reducer
 from .factored import (
     apply_factored_update,
     apply_weight_decay,
@@ -46,6 +47,84 @@ class FactoredSecondMoment(MemoptOptimizer):
             state["exp_avg_sq"] = torch.zeros(shape, **kw)
         if group.get("beta1") is not None:
             state["exp_avg"] = torch.zeros(shape, **kw)
+
+    def _init_sharded_state(self, layout, state, group, device=None):
+        kw = dict(dtype=torch.float32, device=device)
+        if layout.factored:
+            state["exp_avg_sq_row"] = torch.zeros(layout.window, **kw)
+            state["exp_avg_sq_col"] = torch.zeros(layout.full_shape[:-2] + layout.full_shape[-1:], **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros(layout.length, **kw)
+        if group.get("beta1") is not None:
+            state["exp_avg"] = torch.zeros(layout.length, **kw)
+
+    def _sharded_update(self, units, pg):
+        """Phase 1: partial sums (G^2 by row/column, W^2, sum of r) -> one all-reduce.
+        Phase 2: new factors, local U and its partial sum of U^2 -> one all-reduce. Phase 3: update."""
+        red = Reducer(pg)
+        h = {}
+        for u in units:
+            L, g = u.layout, u.grad
+            g2 = g.square()
+            d = h[id(u)] = {"g2": g2}
+            if L.factored:
+                d["col"] = red.add(L.col_sums(g2))
+                if not L.rows_complete:
+                    d["row"] = red.add(L.row_sums(g2))
+                if L.row_sharded:
+                    d["rsum"] = red.add(L.matrix_row_sums(u.state["exp_avg_sq_row"]))
+            else:
+                d["tot"] = red.add(g2.sum())
+            if u.group["scale_parameter"]:
+                d["w2"] = red.add(u.param.square().sum())
+        red.run()
+        ok = all_finite([red.get(h[id(u)]["col" if u.layout.factored else "tot"]) for u in units])
+        red2 = Reducer(pg)
+        for u, fine in zip(units, ok):
+            if not fine:
+                continue
+            L, g, d, st, grp = u.layout, u.grad, h[id(u)], u.state, u.group
+            eps1, _ = grp["eps"]
+            beta = self._beta2(grp, u.step)
+            if L.factored:
+                m, n = L.m, L.n
+                col_sq = red.get(d["col"]).view(L.B, n)
+                row_sq = red.get(d["row"]) if not L.rows_complete else L.row_sums(d["g2"])
+                r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"].view(L.B, n)
+                r.mul_(beta).add_(row_sq.div(n).add_(eps1), alpha=1.0 - beta)
+                c.mul_(beta).add_(col_sq.div(m).add_(eps1), alpha=1.0 - beta)
+                if L.row_sharded:
+                    rsum = red.get(d["rsum"]) * beta + (col_sq.sum(dim=1) / n + m * eps1) * (1.0 - beta)
+                else:
+                    rsum = r.view(L.B, m).sum(dim=1)
+                a = torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)])
+                d["u"] = L.scale(g, a, torch.rsqrt(c))
+            else:
+                v = st["exp_avg_sq"]
+                v.mul_(beta).add_(d["g2"].add_(eps1), alpha=1.0 - beta)
+                d["u"] = g * v.rsqrt()
+            d["u2"] = red2.add(d["u"].square().sum())
+        red2.run()
+        for u, fine in zip(units, ok):
+            if not fine:
+                continue
+            L, d, grp, w = u.layout, h[id(u)], u.group, u.param
+            _, eps2 = grp["eps"]
+            rho = self._step_size(grp, u.step)
+            if grp["scale_parameter"]:
+                lr_t = rho * max(eps2, math.sqrt(float(red.get(d["w2"])) / max(L.numel, 1)))
+            else:
+                lr_t = rho
+            div = clip_divisor(red2.get(d["u2"]), L.numel, grp["clip_threshold"])
+            apply_weight_decay(w, lr_t * grp["weight_decay"], self.multiplicative_decay)
+            beta1 = grp.get("beta1")
+            if beta1 is not None:
+                mom = u.state["exp_avg"]
+                mom.mul_(beta1).add_(d["u"], alpha=(1.0 - beta1) / div)
+                w.add_(mom, alpha=-lr_t)
+            else:
+                w.add_(d["u"], alpha=-lr_t / div)
+        return ok
 
     def _step_size(self, group: dict, step: int) -> float:
         """rho_t: the learning rate before parameter scaling."""

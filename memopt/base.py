@@ -13,6 +13,10 @@ supplies the rest, identically for all of them:
   counts optimizer steps, never micro-batches or skipped steps.
 * ``update_param(p, grad)``: the update of a single parameter with an explicit gradient, which
   ``step()`` loops over and fused-backward hooks call from inside backward.
+* sharded parameters (``memopt.sharding``): FSDP2 DTensors placed Shard(0), and DeepSpeed ZeRO
+  flat partitions bound with ``bind_fragments`` (``memopt.integrations.deepspeed``). Their step
+  runs in phases across all parameters (``_sharded_update``), with one all-reduce per phase, and
+  computes exactly the single-process update. Plain local tensors keep the per-parameter fast path.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+
+from .sharding import Layout, Unit, dtensor_layout
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -60,6 +66,8 @@ class MemoptOptimizer(Optimizer):
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
             )
         defaults = dict(defaults, on_nonfinite=on_nonfinite)
+        self._group_shapes: dict[int, list] = {}
+        self._fragments: dict[torch.Tensor, list] = {}
         super().__init__(params, defaults)
         self._group_of: dict[torch.Tensor, dict] | None = None
 
@@ -75,10 +83,121 @@ class MemoptOptimizer(Optimizer):
         """
         raise NotImplementedError
 
+    def _init_sharded_state(self, layout: Layout, state: dict, group: dict, device=None) -> None:
+        """Create the state of one sharded parameter (local pieces; see ``memopt.sharding``)."""
+        raise NotImplementedError
+
+    def _sharded_update(self, units: list[Unit], pg) -> list[bool]:
+        """Update every unit (same process group) in phases; one all-reduce per phase.
+
+        Returns, per unit, whether it was applied. A unit is skipped (False, nothing changed)
+        when its *reduced* statistic is not finite, so all ranks skip it alike.
+        """
+        raise NotImplementedError
+
     # -- public API -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
         self._group_of = None
+
+    def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]]) -> None:
+        """Declare that ``flat`` (a 1-D tensor in ``param_groups``) holds pieces of logical parameters.
+
+        ``fragments``: (name, offset in ``flat``, layout) for *every* logical parameter of the
+        group in the same order on all ranks (length 0 where this rank holds nothing): the
+        collectives of a step are matched across ranks by that order. Used by
+        ``memopt.integrations.deepspeed`` for ZeRO's flat fp32 partitions.
+        """
+        self._fragments[flat] = list(fragments)
+        self._group_of = None
+
+    def _check_not_replaced(self, group: dict) -> None:
+        shapes = self._group_shapes.get(id(group))
+        params = group["params"]
+        if shapes is None or not params or all(p in self._fragments for p in params):
+            return
+        if [tuple(p.shape) for p in params] != shapes:
+            raise RuntimeError(
+                f"{type(self).__name__}: the parameters of this optimizer were replaced by tensors of other "
+                f"shapes ({len(shapes)} parameters became {[tuple(p.shape) for p in params][:4]}...): this is "
+                "DeepSpeed ZeRO (stage >= 1) handing the optimizer flat partitions. A factored optimizer "
+                "would silently become a different (dense) optimizer there. Create the engine with "
+                "memopt.integrations.deepspeed.initialize(model=..., optimizer=<memopt optimizer or name>, "
+                "config=...) instead of deepspeed.initialize(...): it gives the optimizer the layout of every "
+                "parameter so that the update stays exact and factored."
+            )
+
+    # -- sharded parameters ---------------------------------------------------------------
+    def _is_sharded(self, p: torch.Tensor) -> bool:
+        return p in self._fragments or _is_dtensor(p)
+
+    def _units_for(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> list[Unit]:
+        """The units of a sharded parameter (a DTensor, or a bound flat partition)."""
+        frags = self._fragments.get(p)
+        if frags is not None:
+            st = self.state[p]
+            flat_p = p.detach().view(-1)
+            flat_g = grad.reshape(-1)
+            units = []
+            for name, off, layout in frags:
+                sub = st.get(name)
+                if sub is None:
+                    sub = st[name] = {}
+                units.append(self._make_unit(
+                    name, flat_p.narrow(0, off, layout.length), flat_g.narrow(0, off, layout.length), layout, sub, group
+                ))
+            return units
+        local, layout = dtensor_layout(p)
+        glocal = grad.to_local() if _is_dtensor(grad) else grad
+        return [self._make_unit(p, local, glocal, layout, self.state[p], group)]
+
+    def _make_unit(self, key, local, glocal, layout, state, group) -> Unit:
+        if not state:
+            state["step"] = 0
+            state["nonfinite_skips"] = 0
+            if layout.sharded:
+                self._init_sharded_state(layout, state, group, local.device)
+            else:
+                self._init_state(local, state, group)
+        flat = local.detach().reshape(-1)
+        work = flat if flat.dtype == torch.float32 else flat.float()
+        g = glocal.reshape(-1)
+        g = g if g.dtype == torch.float32 else g.float()
+        return Unit(key=key, param=work, grad=g, layout=layout, state=state, group=group,
+                    target=None if work is flat else flat)
+
+    def _step_units(self, units: list[Unit]) -> None:
+        """Run the sharded (phased) step of ``units``; whole-layout units take the plain path."""
+        by_pg: dict[int, list[Unit]] = {}
+        pgs = {}
+        for u in units:
+            if not u.layout.sharded:
+                self._apply_local(u.param.view(u.layout.full_shape), u.grad.view(u.layout.full_shape),
+                                  u.state, u.group, u.layout.full_shape, target=u.target)
+                continue
+            by_pg.setdefault(id(u.layout.group), []).append(u)
+            pgs[id(u.layout.group)] = u.layout.group
+        failed = None
+        for k, us in by_pg.items():
+            for u in us:
+                u.step = u.state["step"] + 1
+            applied = self._sharded_update(us, pgs[k])
+            for u, ok in zip(us, applied):
+                if ok:
+                    u.state["step"] = u.step
+                    if u.target is not None:
+                        u.target.copy_(u.param)
+                else:
+                    u.state["nonfinite_skips"] += 1
+                    if u.group["on_nonfinite"] == "raise" and failed is None:
+                        failed = u
+        if failed is not None:
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: non-finite gradient for a parameter of shape "
+                f"{tuple(failed.layout.full_shape)} at step {failed.step}; pass on_nonfinite='skip' to skip such steps"
+            )
 
     def group_of(self, p: torch.Tensor) -> dict:
         """The parameter group that holds ``p``."""
@@ -95,10 +214,18 @@ class MemoptOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        units: list[Unit] = []
         for group in self.param_groups:
+            self._check_not_replaced(group)
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is None:
+                    continue
+                if self._is_sharded(p):
+                    units.extend(self._units_for(p, p.grad, group))
+                else:
                     self.update_param(p, p.grad, group)
+        if units:
+            self._step_units(units)
         return loss
 
     @torch.no_grad()
@@ -108,11 +235,20 @@ class MemoptOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if group is None:
             group = self.group_of(p)
+        if self._is_sharded(p):
+            # A sharded parameter alone (fused backward): its phases' collectives run for it alone.
+            units = self._units_for(p, grad, group)
+            skips = sum(u.state["nonfinite_skips"] for u in units)
+            self._step_units(units)
+            return sum(u.state["nonfinite_skips"] for u in units) == skips
         state = self.state[p]
         if not state:
             state["step"] = 0
             state["nonfinite_skips"] = 0
             self._init_state(p, state, group)
+        return self._apply_local(p, grad, state, group, p.shape)
+
+    def _apply_local(self, p, grad, state, group, shape, target=None) -> bool:
         work = p if p.dtype == torch.float32 else p.detach().float()
         g32 = grad if grad.dtype == torch.float32 else grad.float()
         step = state["step"] + 1
@@ -121,12 +257,14 @@ class MemoptOptimizer(Optimizer):
             if group["on_nonfinite"] == "raise":
                 raise NonFiniteGradientError(
                     f"{type(self).__name__}: non-finite gradient for a parameter of shape "
-                    f"{tuple(p.shape)} at step {step}; pass on_nonfinite='skip' to skip such steps"
+                    f"{tuple(shape)} at step {step}; pass on_nonfinite='skip' to skip such steps"
                 )
             return False
         state["step"] = step
         if work is not p:
             p.copy_(work)
+        if target is not None:
+            target.copy_(work.reshape(-1))
         return True
 
     @property
@@ -153,6 +291,21 @@ def optimizer_state_bytes(opt: Optimizer) -> int:
                 seen.add(key)
                 total += storage.nbytes()
     return total
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def all_finite(xs: list[torch.Tensor]) -> list[bool]:
+    """Finiteness of each (small) statistic, with one host sync for all of them."""
+    if not xs:
+        return []
+    return torch.isfinite(torch.stack([x.reshape(-1).sum() for x in xs])).tolist()
 
 
 def is_finite(x: torch.Tensor) -> bool:

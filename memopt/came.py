@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import MemoptOptimizer, check_beta, check_nonnegative, check_positive, is_finite
+from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .sharding import Reducer
 from .factored import _scratch, apply_weight_decay, as_matrices, clip_divisor, commit_factors, factored_stats, row_slices
 
 
@@ -62,6 +63,101 @@ class CAME(MemoptOptimizer):
             state["exp_avg_res_col"] = torch.zeros(*lead, n, **kw)
         else:
             state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
+
+    def _init_sharded_state(self, layout, state, group, device=None):
+        kw = dict(dtype=torch.float32, device=device)
+        state["exp_avg"] = torch.zeros(layout.length, **kw)
+        if layout.factored:
+            col_shape = layout.full_shape[:-2] + layout.full_shape[-1:]
+            state["exp_avg_sq_row"] = torch.zeros(layout.window, **kw)
+            state["exp_avg_sq_col"] = torch.zeros(col_shape, **kw)
+            state["exp_avg_res_row"] = torch.zeros(layout.window, **kw)
+            state["exp_avg_res_col"] = torch.zeros(col_shape, **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros(layout.length, **kw)
+
+    @staticmethod
+    def _factors(L, red, d, r, c, beta, eps, tag):
+        """EMA of row/column means of a reduced partial-sum pair; returns (a, s) for ``L.scale``."""
+        m, n = L.m, L.n
+        col = red.get(d[tag + "col"]).view(L.B, n)
+        row = red.get(d[tag + "row"]) if not L.rows_complete else L.row_sums(d[tag + "x"])
+        c = c.view(L.B, n)
+        r.mul_(beta).add_(row.div(n).add_(eps), alpha=1.0 - beta)
+        c.mul_(beta).add_(col.div(m).add_(eps), alpha=1.0 - beta)
+        if L.row_sharded:
+            rsum = red.get(d[tag + "rsum"]) * beta + (col.sum(dim=1) / n + m * eps) * (1.0 - beta)
+        else:
+            rsum = r.view(L.B, m).sum(dim=1)
+        return torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)]), torch.rsqrt(c)
+
+    @staticmethod
+    def _partials(L, red, d, x, r_old, tag):
+        d[tag + "x"] = x
+        d[tag + "col"] = red.add(L.col_sums(x))
+        if not L.rows_complete:
+            d[tag + "row"] = red.add(L.row_sums(x))
+        if L.row_sharded:
+            d[tag + "rsum"] = red.add(L.matrix_row_sums(r_old))
+
+    def _sharded_update(self, units, pg):
+        """Phase 1: G^2 partial sums; phase 2: U and sum U^2 (clip); phase 3: M and the
+        instability (U - M)^2 partial sums; then the update. One all-reduce per phase."""
+        red = Reducer(pg)
+        h = {}
+        for u in units:
+            L, d = u.layout, h.setdefault(id(u), {})
+            g2 = u.grad.square()
+            if L.factored:
+                self._partials(L, red, d, g2, u.state["exp_avg_sq_row"], "g")
+            else:
+                d["g2"] = g2
+                d["tot"] = red.add(g2.sum())
+        red.run()
+        ok = all_finite([red.get(h[id(u)]["gcol" if u.layout.factored else "tot"]) for u in units])
+        red2 = Reducer(pg)
+        for u, fine in zip(units, ok):
+            if not fine:
+                continue
+            L, d, st, grp = u.layout, h[id(u)], u.state, u.group
+            eps1, _ = grp["eps"]
+            beta2 = grp["betas"][1]
+            if L.factored:
+                a, s = self._factors(L, red, d, st["exp_avg_sq_row"], st["exp_avg_sq_col"], beta2, eps1, "g")
+                d["u"] = L.scale(u.grad, a, s)
+            else:
+                v = st["exp_avg_sq"]
+                v.mul_(beta2).add_(d["g2"].add_(eps1), alpha=1.0 - beta2)
+                d["u"] = u.grad * v.rsqrt()
+            d["u2"] = red2.add(d["u"].square().sum())
+        red2.run()
+        red3 = Reducer(pg)
+        for u, fine in zip(units, ok):
+            if not fine:
+                continue
+            L, d, st, grp, w = u.layout, h[id(u)], u.state, u.group, u.param
+            beta1 = grp["betas"][0]
+            lr = grp["lr"]
+            uu = d["u"].div_(clip_divisor(red2.get(d["u2"]), L.numel, grp["clip_threshold"]))
+            mom = st["exp_avg"]
+            mom.mul_(beta1).add_(uu, alpha=1.0 - beta1)
+            if L.factored:
+                res = uu.sub_(mom).square_()
+                self._partials(L, red3, d, res, st["exp_avg_res_row"], "r")
+            else:
+                apply_weight_decay(w, lr * grp["weight_decay"], multiplicative=False)
+                w.add_(mom, alpha=-lr)
+        red3.run()
+        for u, fine in zip(units, ok):
+            if not fine or not u.layout.factored:
+                continue
+            L, d, st, grp, w = u.layout, h[id(u)], u.state, u.group, u.param
+            eps2 = grp["eps"][1]
+            lr = grp["lr"]
+            ra, rs = self._factors(L, red3, d, st["exp_avg_res_row"], st["exp_avg_res_col"], grp["betas"][2], eps2, "r")
+            apply_weight_decay(w, lr * grp["weight_decay"], multiplicative=False)
+            w.add_(L.scale(st["exp_avg"], ra, rs), alpha=-lr)
+        return ok
 
     def _update(self, p, grad, state, group, step):
         beta1, beta2, beta3 = group["betas"]

@@ -117,16 +117,68 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         return g
 
     # -- ordinary mode ------------------------------------------------------------------------
+    def _sharded_sq_total(self, sharded: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Sum over ranks of the squared norms of local shards: (total, process group) or (0, None)."""
+        if not sharded:
+            return 0.0, None
+        from .sharding import Reducer
+
+        units_pg = None
+        local = torch.zeros((), dtype=torch.float32)
+        for p, sq in sharded:
+            if p in self._fragments:
+                pg = self._fragments[p][0][2].group if self._fragments[p] else None
+            else:
+                from .sharding import dtensor_layout
+
+                pg = dtensor_layout(p)[1].group
+            units_pg = pg if units_pg is None else units_pg
+            local = local + sq.float().cpu()
+        red = Reducer(units_pg)
+        h = red.add(local)
+        red.run()
+        return float(red.get(h)), units_pg
+
+    def _global_sq_total(self, norms) -> float:
+        plain = [sq for p, sq in norms if not self._is_sharded(p)]
+        total = float(torch.stack(plain).sum()) if plain else 0.0
+        return total + self._sharded_sq_total([(p, sq) for p, sq in norms if self._is_sharded(p)])[0]
+
+    def _global_clip_coef(self, norms: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+        """Clip coefficient from (param, squared norm of its local gradient) pairs; shards reduced."""
+        if self.clip_grad_norm is None or not norms:
+            return None
+        total = self._global_sq_total(norms)
+        return min(1.0, self.clip_grad_norm / (math.sqrt(total) + _NORM_EPS))
+
+    @staticmethod
+    def _local_grad(g):
+        from .base import _is_dtensor
+
+        return g.to_local() if _is_dtensor(g) else g
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            self._check_not_replaced(group)
         with_grad = [(p, g) for p, g in self._params_in_order() if p.grad is not None]
-        coef = self._clip_coef([self._sq_norm(p.grad) for p, _ in with_grad]) if self.clip_grad_norm else None
+        coef = None
+        if self.clip_grad_norm:
+            coef = self._global_clip_coef([(p, self._sq_norm(self._local_grad(p.grad))) for p, _ in with_grad])
+        units = []
         for p, group in with_grad:
-            self.update_param(p, self._prepare_grad(p.grad, group, coef, None), group)
+            if self._is_sharded(p):
+                for u in self._units_for(p, p.grad, group):
+                    u.grad = self._prepare_grad(u.grad, group, coef, None)
+                    units.append(u)
+            else:
+                self.update_param(p, self._prepare_grad(p.grad, group, coef, None), group)
+        if units:
+            self._step_units(units)
         return loss
 
     # -- fused mode ---------------------------------------------------------------------------
@@ -163,16 +215,26 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             def collect(p):
                 g = p.grad
                 p.grad = None
+                g = self._local_grad(g)
                 sq[p] = self._sq_norm(g if unscale is None else g.float() / unscale)
 
             self._run_backward(scaled_loss, params, collect, retain_graph=recompute_loss is None)
             sq_norms = [sq[p] for p, _ in params if p in sq]
-            if scaled:
-                overflow = bool(sq_norms) and not bool(torch.isfinite(torch.stack(sq_norms).sum()))
-                if overflow:
+            if any(self._is_sharded(p) for p, _ in params):
+                pairs = [(p, sq[p]) for p, _ in params if p in sq]
+                total = torch.tensor(self._global_sq_total(pairs))
+                if scaled and not bool(torch.isfinite(total)):
                     self.loss_scaler.update(overflow=True)
                     return False
-            coef = self._clip_coef(sq_norms)
+                coef = None if self.clip_grad_norm is None else min(
+                    1.0, self.clip_grad_norm / (math.sqrt(float(total)) + _NORM_EPS))
+            else:
+                if scaled:
+                    overflow = bool(sq_norms) and not bool(torch.isfinite(torch.stack(sq_norms).sum()))
+                    if overflow:
+                        self.loss_scaler.update(overflow=True)
+                        return False
+                coef = self._clip_coef(sq_norms)
 
         def update(p):
             g = p.grad

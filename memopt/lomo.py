@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_nonnegative, check_positive, is_finite
+from .base import all_finite, check_nonnegative, check_positive, is_finite
+from .sharding import Reducer
 from .factored import row_slices
 from .fused import FusedBackwardOptimizer
 
@@ -51,6 +52,20 @@ class Lomo(FusedBackwardOptimizer):
 
     def _init_state(self, p, state, group):
         pass  # stateless beyond the step counter the base class keeps
+
+    def _init_sharded_state(self, layout, state, group, device=None):
+        pass
+
+    def _sharded_update(self, units, pg):
+        """One all-reduce of the squared gradient norms: a parameter is skipped on all ranks alike."""
+        red = Reducer(pg)
+        hs = [red.add(torch.dot(u.grad, u.grad)) for u in units]
+        red.run()
+        ok = all_finite([red.get(h) for h in hs])
+        for u, fine in zip(units, ok):
+            if fine:
+                _sgd_(u.param, u.grad, u.group["lr"], u.group["weight_decay"])
+        return ok
 
     def _update(self, p, grad, state, group, step):
         lr, wd = group["lr"], group["weight_decay"]

@@ -1,0 +1,228 @@
+"""Multi-process helpers for the sharding tests: gloo on 127.0.0.1, CPU, tiny shapes.
+
+``run_world(worker, world, *args)`` spawns ``world`` processes running ``worker(rank, world, port,
+out_dir, *args)`` and returns what rank 0 saved. The model is a bag of parameters with shapes that
+split unevenly over 2 and 3 ranks (7 rows -> 4+3 and 3+3+1; 2 rows on 3 ranks leaves one rank
+empty; a 3-D tensor sharded on its leading dim), and a loss that is a mean over the batch, so a
+data-parallel run on W slices of one global batch must equal a single-process run on all of it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SHAPES = [(7, 5), (5,), (3, 4, 6), (2, 9), (11,), (6, 10)]
+GLOBAL_BATCH = 6
+STEPS = 5
+TOL = 1e-5
+
+# (case id, optimizer name, hyperparameters, fused backward)
+CASES = {
+    "adafactor": ("adafactor", dict(), False),
+    "adafactor_b1_wd": ("adafactor", dict(beta1=0.9, weight_decay=0.1, lr=3e-2, relative_step=False), False),
+    "came": ("came", dict(lr=1e-2, weight_decay=0.01), False),
+    "adalomo": ("adalomo", dict(lr=3e-2), False),
+    "adalomo_fused": ("adalomo", dict(lr=3e-2), True),
+    "adalomo_clip": ("adalomo", dict(lr=3e-2, clip_grad_norm=0.5, weight_decay=0.1), False),
+    "lomo": ("lomo", dict(lr=3e-2), False),
+    "lomo_fused": ("lomo", dict(lr=3e-2), True),
+    "adapprox": ("adapprox", dict(lr=1e-2), False),
+}
+
+
+class BagModel(torch.nn.Module):
+    """Parameters of SHAPES; loss = mean over the batch of sum_k (sum(tanh(p_k) * x_k))^2 / numel_k."""
+
+    def __init__(self, seed: int = 0, shapes=SHAPES):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes])
+
+    def forward(self, xs):
+        loss = 0.0
+        for p, x in zip(self.ps, xs):
+            t = (torch.tanh(p).unsqueeze(0) * x).flatten(1).sum(1)
+            loss = loss + (t * t).mean() / p.numel()
+        return loss
+
+
+def batch(step: int, shapes=SHAPES, size: int = GLOBAL_BATCH):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn((size,) + tuple(s), generator=gen) for s in shapes]
+
+
+def local_batch(step: int, rank: int, world: int, shapes=SHAPES):
+    per = GLOBAL_BATCH // world
+    return [x[rank * per:(rank + 1) * per] for x in batch(step, shapes)]
+
+
+def reference(case: str, steps: int = STEPS, shapes=SHAPES) -> list[torch.Tensor]:
+    """The single-process run on the whole global batch (memopt's plain path)."""
+    import memopt
+
+    name, hp, fused = CASES[case]
+    model = BagModel(0, shapes)
+    opt = memopt.create_optimizer(name, model.parameters(), **hp)
+    for step in range(steps):
+        loss = model(batch(step, shapes))
+        if fused:
+            opt.fused_backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.ps]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def _entry(rank, worker, world, port, out_dir, args):
+    init_gloo(rank, world, port)
+    try:
+        result = worker(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(worker, world: int, *args):
+    """Run ``worker(rank, world, *args)`` on ``world`` gloo ranks; returns every rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(worker, world, free_port(), out_dir, args), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def max_abs_diff(xs, ys) -> float:
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(xs, ys))
+
+
+def moved(xs, seed: int = 0) -> float:
+    """How far the parameters moved from their initial values (the run really did something)."""
+    init = BagModel(seed).ps
+    return max(float((x - p.detach()).abs().max()) for x, p in zip(xs, init))
+
+
+# -- workers ---------------------------------------------------------------------------------
+def fsdp2_worker(rank, world, cases, steps=STEPS):
+    import memopt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for case in cases:
+        name, hp, fused = CASES[case]
+        model = BagModel(0)
+        fully_shard(model, mesh=mesh)
+        opt = memopt.create_optimizer(name, model.parameters(), **hp)
+        for step in range(steps):
+            loss = model(local_batch(step, rank, world))
+            if fused:
+                opt.fused_backward(loss)
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        out[case] = [p.full_tensor().detach().clone() for p in model.ps]
+        out[case + ":state_bytes"] = opt.state_bytes()
+    return out
+
+
+def ddp_worker(rank, world, cases, steps=STEPS):
+    import memopt
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for case in cases:
+        name, hp, fused = CASES[case]
+        model = BagModel(0)
+        ddp = DDP(model)
+        opt = memopt.create_optimizer(name, model.parameters(), **hp)
+        if fused:
+            from memopt.integrations.ddp import register_fused_backward
+
+            register_fused_backward(ddp, opt)
+        for step in range(steps):
+            loss = ddp(local_batch(step, rank, world))
+            if fused:
+                from memopt.integrations.ddp import fused_backward
+
+                fused_backward(ddp, opt, loss)
+                assert all(p.grad is None for p in model.parameters())
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        out[case] = [p.detach().clone() for p in model.ps]
+    return out
+
+
+def deepspeed_config(stage: int, world: int, bf16: bool = False) -> dict:
+    cfg = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def deepspeed_worker(rank, world, stages, cases, steps=STEPS, bf16=False, plain=False):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    import memopt
+    from memopt.integrations.deepspeed import initialize
+
+    out = {}
+    for stage in stages:
+        for case in cases:
+            name, hp, fused = CASES[case]
+            model = BagModel(0)
+            if plain:
+                opt = memopt.create_optimizer(name, model.parameters(), **hp)
+                cfg = dict(deepspeed_config(stage, world, bf16), zero_allow_untested_optimizer=True)
+                engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            else:
+                engine, *_ = initialize(model=model, optimizer=name, optimizer_params=hp,
+                                        config=deepspeed_config(stage, world, bf16))
+            try:
+                for step in range(steps):
+                    xs = local_batch(step, rank, world)
+                    if bf16:
+                        xs = [x.bfloat16() for x in xs]
+                    loss = engine(xs)
+                    engine.backward(loss)
+                    engine.step()
+            except RuntimeError as e:
+                if not plain:
+                    raise
+                out[(stage, case)] = str(e)
+                continue
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            out[(stage, case)] = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.ps]
+            out[(stage, case, "state_bytes")] = engine.optimizer.optimizer.state_bytes() if stage else None
+            engine.destroy() if hasattr(engine, "destroy") else None
+    return out
