@@ -34,6 +34,9 @@ def main(argv: list[str] | None, kind: str) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     args = ap.parse_args(argv)
     _setup_cpu_environment()
+    if args.local_rank is not None:  # only the deepspeed launcher passes --local_rank
+        os.environ["MEMOPT_LAUNCHED_BY_DEEPSPEED"] = "1"
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from pretrain.config import ConfigError, load_run_config
 

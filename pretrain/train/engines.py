@@ -194,7 +194,7 @@ def select_engine_kind(cfg) -> str:
     kind = cfg.engine.kind
     if kind != "auto":
         return kind
-    if os.environ.get("DEEPSPEED_LAUNCHED") or "DS_ACCELERATOR" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("MEMOPT_LAUNCHED_BY_DEEPSPEED") == "1":
         return "deepspeed"
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 

@@ -118,6 +118,7 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
+            lr = engine.lr  # the lr this step's update uses (DeepSpeed steps its schedule inside backward)
             engine.model.train()
             losses, finite, step_tokens = [], True, 0
             for micro in range(accum):
@@ -155,7 +156,6 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
                 logger.advance()
                 continue
             nonfinite_in_a_row = 0
-            lr = engine.lr
             engine.step()
             step += 1
             loss_value = _mean_over_ranks(sum(losses) / len(losses))
