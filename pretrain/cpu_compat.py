@@ -20,7 +20,11 @@ each line names the workaround that lives in this module and nowhere else:
    positions, so nothing to do; ``check_supported`` refuses RoPE on CPU with a clear message.
 5. ``sequence_parallel=True`` needs a LayerNorm from Apex or TE (the torch LayerNorm wrapper
    asserts). Not exposed by our model configs.
-6. The jit-scripted fusions (bias+GeLU, bias+dropout+add) are GPU fast paths; on CPU they are
+6. Gathering tensor-parallel outputs (``gather_from_tensor_model_parallel_region``, used for
+   full-vocabulary logits) allocates its buffer on ``torch.cuda.current_device()``
+   (tensor_parallel/mappings.py). -> ``gather_last_dim``, device-agnostic, used by the logits
+   helpers on every device (training losses stay vocab-parallel and never gather).
+7. The jit-scripted fusions (bias+GeLU, bias+dropout+add) are GPU fast paths; on CPU they are
    slower than eager torch. -> ``fusion_flags`` turns them off unless CUDA is available.
 
 Nothing here changes the model's function: each workaround computes what the stock GPU path
@@ -194,6 +198,31 @@ class SDPACoreAttention(MegatronModule):
             )
         # [b, n, s, d] -> [s, b, n*d]
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over a process group; backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = torch.distributed.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = torch.distributed.get_world_size(ctx.group)
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the TP ranks' last-dim shards (e.g. vocab-parallel logits); differentiable."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
 
 
 def bert_attention_mask_dims(core_attention: type) -> Optional[str]:

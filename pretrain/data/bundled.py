@@ -116,18 +116,20 @@ def prepare(
     from pretrain.data.tokenizer import SentencePieceTokenizer
 
     sha = SentencePieceTokenizer(tokenizer_model).sha256
-    parts = write_corpus_jsonl(os.path.join(out_dir, "corpus"))
-    jobs = {
-        "gpt": (parts["train"], os.path.join(out_dir, "gpt", "corpus"), False),
-        "gpt_heldout": (parts["heldout"], os.path.join(out_dir, "gpt", "heldout"), False),
-        "bert": (parts["train"], os.path.join(out_dir, "bert", "corpus"), True),
+    corpus_dir = os.path.join(out_dir, "corpus")
+    jobs = {  # name: (corpus part, output prefix, split sentences)
+        "gpt": ("train", os.path.join(out_dir, "gpt", "corpus"), False),
+        "gpt_heldout": ("heldout", os.path.join(out_dir, "gpt", "heldout"), False),
+        "bert": ("train", os.path.join(out_dir, "bert", "corpus"), True),
     }
-    prefixes = {}
-    for name, (src, out, split) in jobs.items():
+    prefixes, parts = {}, None
+    for name, (part, out, split) in jobs.items():
         prefix = output_prefix_for(out, "text", split)
         meta = read_metadata(prefix) if prefix_exists(prefix) else None
         if force or meta is None or meta.get("tokenizer_sha256") != sha:
-            preprocess([src], tokenizer_model, out, append_eod=not split, split_sentences=split,
-                       workers=workers, progress=progress)
+            # Up-to-date outputs are left alone (so concurrent callers only read).
+            parts = parts or write_corpus_jsonl(corpus_dir)
+            preprocess([parts[part]], tokenizer_model, out, append_eod=not split,
+                       split_sentences=split, workers=workers, progress=progress)
         prefixes[name] = prefix
     return prefixes

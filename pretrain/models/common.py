@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -80,9 +80,7 @@ def set_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
 
 def gather_vocab(logits):
     """Gather vocab-parallel logits [..., V/TP] from the TP group into [..., V]."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return logits
-    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return cpu_compat.gather_last_dim(logits, parallel_state.get_tensor_model_parallel_group())
 
 
 def masked_mean(per_token_loss, loss_mask):

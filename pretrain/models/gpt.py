@@ -22,7 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from pretrain import cpu_compat
-from pretrain.models.common import masked_mean, set_core_attention, transformer_config
+from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import GPTConfig
 
 
@@ -75,7 +75,7 @@ def gpt_logits(model, tokens: torch.Tensor, position_ids: Optional[torch.Tensor]
     """Full-vocabulary logits ``[b, s, vocab_size]`` (gathered over TP, padding rows dropped)."""
     if position_ids is None:
         position_ids = position_ids_for(tokens)
-    logits = model(tokens, position_ids, None, runtime_gather_output=True)
+    logits = gather_vocab(model(tokens, position_ids, None))
     return logits[..., : _unwrap(model).model_config.vocab_size]
 
 
