@@ -209,3 +209,14 @@ def setup_launch_env(env: MutableMapping[str, str] | None = None) -> dict | None
     for k, v in values.items():
         env.setdefault(k, v)
     return {"launcher": info["launcher"], **{k: env[k] for k in _TORCH_VARS if k in env}}
+
+
+def configure_from_cli() -> None:
+    """:func:`setup_launch_env` for the command line: an error is one line on stderr, exit status 2."""
+    import sys
+
+    try:
+        setup_launch_env()
+    except LaunchEnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
