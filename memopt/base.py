@@ -68,6 +68,7 @@ class MemoptOptimizer(Optimizer):
         defaults = dict(defaults, on_nonfinite=on_nonfinite)
         self._group_shapes: dict[int, list] = {}
         self._fragments: dict[torch.Tensor, list] = {}
+        self._suspended = False  # True while an engine runs its initialization steps
         super().__init__(params, defaults)
         self._group_of: dict[torch.Tensor, dict] | None = None
 
@@ -113,12 +114,19 @@ class MemoptOptimizer(Optimizer):
         self._fragments[flat] = list(fragments)
         self._group_of = None
 
-    def _check_not_replaced(self, group: dict) -> None:
+    def _check_not_replaced(self, group: dict) -> bool:
+        """Raise if DeepSpeed replaced this group's parameters by unbound flat partitions.
+
+        Returns True for DeepSpeed's state-creating initialization step (all-zero gradients on
+        unbound partitions), which is then skipped, so the error comes at the first real step.
+        """
         shapes = self._group_shapes.get(id(group))
         params = group["params"]
         if shapes is None or not params or all(p in self._fragments for p in params):
-            return
+            return False
         if [tuple(p.shape) for p in params] != shapes:
+            if all(p.grad is None or not bool(p.grad.any()) for p in params):
+                return True
             raise RuntimeError(
                 f"{type(self).__name__}: the parameters of this optimizer were replaced by tensors of other "
                 f"shapes ({len(shapes)} parameters became {[tuple(p.shape) for p in params][:4]}...): this is "
@@ -128,6 +136,7 @@ class MemoptOptimizer(Optimizer):
                 "config=...) instead of deepspeed.initialize(...): it gives the optimizer the layout of every "
                 "parameter so that the update stays exact and factored."
             )
+        return False
 
     # -- sharded parameters ---------------------------------------------------------------
     def _is_sharded(self, p: torch.Tensor) -> bool:
@@ -214,9 +223,12 @@ class MemoptOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._suspended:
+            return loss
         units: list[Unit] = []
         for group in self.param_groups:
-            self._check_not_replaced(group)
+            if self._check_not_replaced(group):
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -281,15 +293,22 @@ def optimizer_state_bytes(opt: Optimizer) -> int:
     """Bytes of the tensor storages in ``opt.state`` (any torch optimizer), each counted once."""
     seen: set[int] = set()
     total = 0
+
+    def visit(v):
+        nonlocal total
+        if torch.is_tensor(v):
+            storage = v.untyped_storage()
+            key = storage.data_ptr()
+            if key and key in seen:
+                return
+            seen.add(key)
+            total += storage.nbytes()
+        elif isinstance(v, dict):  # per-fragment states of a bound flat partition
+            for x in v.values():
+                visit(x)
+
     for s in opt.state.values():
-        for v in s.values():
-            if torch.is_tensor(v):
-                storage = v.untyped_storage()
-                key = storage.data_ptr()
-                if key and key in seen:
-                    continue
-                seen.add(key)
-                total += storage.nbytes()
+        visit(s)
     return total
 
 

@@ -163,9 +163,10 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._check_not_replaced(group)
-        with_grad = [(p, g) for p, g in self._params_in_order() if p.grad is not None]
+        if self._suspended:
+            return loss
+        skip = [g for g in self.param_groups if self._check_not_replaced(g)]
+        with_grad = [(p, g) for p, g in self._params_in_order() if p.grad is not None and not any(g is s for s in skip)]
         coef = None
         if self.clip_grad_norm:
             coef = self._global_clip_coef([(p, self._sq_norm(self._local_grad(p.grad))) for p, _ in with_grad])

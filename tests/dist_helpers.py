@@ -179,6 +179,7 @@ def deepspeed_config(stage: int, world: int, bf16: bool = False) -> dict:
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the reference does not clip
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -188,8 +189,17 @@ def deepspeed_config(stage: int, world: int, bf16: bool = False) -> dict:
     return cfg
 
 
-def deepspeed_worker(rank, world, stages, cases, steps=STEPS, bf16=False, plain=False):
+def no_deepspeed_op_builds():
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (1-5 minutes on a
+    fresh machine): with the op marked incompatible, deepspeed.comm uses plain torch.distributed."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def deepspeed_worker(rank, world, stages, cases, steps=STEPS, bf16=False, plain=False):
+    no_deepspeed_op_builds()
     import deepspeed
 
     import memopt
@@ -222,7 +232,18 @@ def deepspeed_worker(rank, world, stages, cases, steps=STEPS, bf16=False, plain=
                 continue
             from deepspeed.utils import safe_get_full_fp32_param
 
-            out[(stage, case)] = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.ps]
-            out[(stage, case, "state_bytes")] = engine.optimizer.optimizer.state_bytes() if stage else None
+            full = [safe_get_full_fp32_param(p) for p in engine.module.ps]
+            out[(stage, case)] = [(f if f is not None else p).detach().float().clone() for f, p in zip(full, engine.module.ps)]
+            client = engine.optimizer if isinstance(engine.optimizer, memopt.MemoptOptimizer) else engine.optimizer.optimizer
+            out[(stage, case, "state_bytes")] = client.state_bytes()
+            out[(stage, case, "bound")] = len(client._fragments)
             engine.destroy() if hasattr(engine, "destroy") else None
+    return out
+
+
+def combo_worker(rank, world, jobs):
+    """Several (worker, args) jobs in the same processes (spawning costs more than the jobs)."""
+    out = {}
+    for worker, args in jobs:
+        out.update(worker(rank, world, *args))
     return out
