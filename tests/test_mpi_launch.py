@@ -113,6 +113,27 @@ def test_mpi_across_hosts_without_an_address_is_a_clear_error(no_mpi4py):
         setup_launch_env(env)
 
 
+def test_cray_pals_local_rank_variables(no_mpi4py):
+    env = {"PMI_RANK": "9", "PMI_SIZE": "16", "PALS_LOCAL_RANKID": "1", "PALS_LOCAL_SIZE": "8",
+           "MASTER_ADDR": "x1000c0s0b0n0", "MASTER_PORT": "29500"}
+    setup_launch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("9", "16", "1", "8")
+
+
+def test_the_cli_reports_a_launch_error_in_one_line(no_mpi4py, monkeypatch, capsys):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        launch_env.configure_from_cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: openmpi started 4 processes across hosts")
+    assert "RANK" not in os.environ
+
+
 def test_srun_step_variables_and_port_from_the_job_id(no_mpi4py):
     env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
            "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]",

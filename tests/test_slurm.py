@@ -144,7 +144,8 @@ def test_sbatch_bert_with_the_deepspeed_launcher_on_a_real_slurm(local_slurm, tm
     info = local_slurm.wait(job, timeout=900)
     text = log.read_text(errors="replace") if log.exists() else "(no job output)"
     assert info.get("JobState") == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}"
-    assert "2 process(es), deepspeed" in text and "--no_ssh" in text
+    assert "2 process(es), deepspeed" in text
+    assert "nnodes=1, num_local_procs=2, node_rank=0" in text  # deepspeed.launcher.launch's own report
     _assert_trained(run, text, world_size=2)
 
 
@@ -196,7 +197,9 @@ def test_multinode_path_two_node_ranks_on_localhost(tmp_path):
 def test_multinode_path_with_the_deepspeed_launcher(tmp_path):
     (n0, n1), run = _run_two_nodes(tmp_path, "deepspeed", 900)
     assert n0.returncode == 0 and n1.returncode == 0, f"node0:\n{n0.stdout[-3000:]}\nnode1:\n{n1.stdout[-3000:]}"
-    assert "--no_ssh" in n0.stdout and "--node_rank=1" in n1.stdout
+    # deepspeed.launcher.launch on each node: its node rank, one local process, a world of 2.
+    for i, node in enumerate((n0, n1)):
+        assert f"nnodes=2, num_local_procs=1, node_rank={i}" in node.stdout and "dist_world_size=2" in node.stdout
     _assert_trained(run, n0.stdout, world_size=2)
 
 

@@ -9,8 +9,8 @@ launcher               rank                       world size                    
 =====================  =========================  =============================  ==========================
 Open MPI ``mpirun``    OMPI_COMM_WORLD_RANK       OMPI_COMM_WORLD_SIZE           OMPI_COMM_WORLD_LOCAL_RANK
 MPICH / Intel MPI      PMI_RANK                   PMI_SIZE                       MPI_LOCALRANKID
-(hydra ``mpiexec``)
-PMIx launchers         PMIX_RANK                  (OMPI_COMM_WORLD_SIZE)         (PALS_LOCAL_RANKID)
+(hydra), Cray PALS                                                               (PMI_LOCAL_RANK,
+                                                                                 PALS_LOCAL_RANKID)
 ``srun`` (one task     SLURM_PROCID               SLURM_STEP_NUM_TASKS           SLURM_LOCALID
 per process)
 =====================  =========================  =============================  ==========================
@@ -55,6 +55,13 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise LaunchEnvError(f"{name}={env[name]!r} is not an integer") from None
 
 
+def _first_int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        if name in env:
+            return _int(env, name)
+    return None
+
+
 def detect(env: Mapping[str, str]) -> dict | None:
     """The launcher's view of this process: {launcher, rank, world_size, local_rank, local_world_size},
     or None when no known launcher variables say the job has more than one process."""
@@ -64,12 +71,8 @@ def detect(env: Mapping[str, str]) -> dict | None:
         local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") if "OMPI_COMM_WORLD_LOCAL_SIZE" in env else None
     elif "PMI_RANK" in env and "PMI_SIZE" in env:
         launcher, rank, world = "mpich", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
-        local = _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else None
-        local_size = _int(env, "MPI_LOCALNRANKS") if "MPI_LOCALNRANKS" in env else None
-    elif "PMIX_RANK" in env and "PMIX_SIZE" in env:
-        launcher, rank, world = "pmix", _int(env, "PMIX_RANK"), _int(env, "PMIX_SIZE")
-        local = _int(env, "PALS_LOCAL_RANKID") if "PALS_LOCAL_RANKID" in env else None
-        local_size = None
+        local = _first_int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID")
+        local_size = _first_int(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "PALS_LOCAL_SIZE")
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and "SLURM_STEP_ID" in env:
         # Only inside an srun step: the batch script itself also carries SLURM_PROCID=0 and
         # SLURM_NTASKS, and a plain `python` there is one process, not a world.
