@@ -138,6 +138,12 @@ def test_gpt_loss_mask_and_causality():
         full = model(tokens, torch.arange(12).expand(2, -1), None, runtime_gather_output=True)
         ref = F.cross_entropy(full[:, :5].reshape(-1, full.shape[-1]), labels[:, :5].reshape(-1))
         assert n.item() == 10 and torch.allclose(loss, ref, atol=1e-5)
+        # An explicit causal mask (megatron convention: True = masked), as datasets with
+        # reset_attention_mask provide, gives the same result as the built-in causal path.
+        causal = torch.triu(torch.ones(12, 12, dtype=torch.bool), 1).expand(2, 1, 12, 12)
+        masked, _ = gpt_loss(model, {"tokens": tokens, "labels": labels, "loss_mask": mask,
+                                     "attention_mask": causal})
+        assert torch.allclose(masked, loss, atol=1e-6)
         # Changing a later token never changes earlier logits.
         changed = tokens.clone()
         changed[:, 8] = (changed[:, 8] + 1) % VOCAB

@@ -3,6 +3,9 @@
 Documents: each Jane Austen *chapter* (the six novels come as one text file and are cut at their
 title and chapter lines) and each Shakespeare / Milton work. A few whole works are held out from
 training (and from tokenizer training) for later evaluation: ``HELDOUT``.
+
+Paths point into the repository's ``data/``; set ``PRETRAIN_DATA_DIR`` to use another copy
+(e.g. with a non-editable install).
 """
 
 from __future__ import annotations

@@ -58,6 +58,10 @@ class IndexedDatasetWriter:
     def num_documents(self) -> int:
         return len(self._doc_index) - 1
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self._lengths)
+
     def add_document(self, sequences: Sequence[Sequence[int]]) -> None:
         """One document made of one or more sequences (sentences)."""
         for seq in sequences:

@@ -133,7 +133,7 @@ def preprocess(
             "split_sentences": split_sentences,
             "inputs": [os.path.basename(f) for f in files],
             "documents": writer.num_documents,
-            "sequences": len(writer._lengths),
+            "sequences": writer.num_sequences,
             "tokens": writer.num_tokens,
         }
         writer.finalize(metadata=summary)

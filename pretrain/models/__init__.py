@@ -25,9 +25,9 @@ from pretrain.models.parallel import (
 )
 
 
-def build_model(cfg):
+def build_model(cfg, seed=1234):
     """``build_gpt`` or ``build_bert`` according to the config's type."""
-    return build_gpt(cfg) if isinstance(cfg, GPTConfig) else build_bert(cfg)
+    return build_gpt(cfg, seed) if isinstance(cfg, GPTConfig) else build_bert(cfg, seed)
 
 
 def count_parameters(model) -> int:
