@@ -68,6 +68,7 @@ class MemoptOptimizer(Optimizer):
         defaults = dict(defaults, on_nonfinite=on_nonfinite)
         self._group_shapes: dict[int, list] = {}
         self._fragments: dict[torch.Tensor, list] = {}
+        self._fragment_group: dict[torch.Tensor, dict] = {}
         self._suspended = False  # True while an engine runs its initialization steps
         super().__init__(params, defaults)
         self._group_of: dict[torch.Tensor, dict] | None = None
@@ -86,7 +87,10 @@ class MemoptOptimizer(Optimizer):
 
     def _init_sharded_state(self, layout: Layout, state: dict, group: dict, device=None) -> None:
         """Create the state of one sharded parameter (local pieces; see ``memopt.sharding``)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO "
+            "partitions) yet; use it with whole parameters (single process, DDP, ZeRO stage 0)"
+        )
 
     def _sharded_update(self, units: list[Unit], pg) -> list[bool]:
         """Update every unit (same process group) in phases; one all-reduce per phase.
@@ -103,7 +107,7 @@ class MemoptOptimizer(Optimizer):
         self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
         self._group_of = None
 
-    def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]]) -> None:
+    def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]], group: dict | None = None) -> None:
         """Declare that ``flat`` (a 1-D tensor in ``param_groups``) holds pieces of logical parameters.
 
         ``fragments``: (name, offset in ``flat``, layout) for *every* logical parameter of the
@@ -112,6 +116,7 @@ class MemoptOptimizer(Optimizer):
         ``memopt.integrations.deepspeed`` for ZeRO's flat fp32 partitions.
         """
         self._fragments[flat] = list(fragments)
+        self._fragment_group[flat] = group if group is not None else self.param_groups[0]
         self._group_of = None
 
     def _check_not_replaced(self, group: dict) -> bool:

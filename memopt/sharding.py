@@ -285,3 +285,132 @@ def dtensor_layout(p) -> tuple[torch.Tensor, Layout]:
     if local.shape[0] != stop - start:
         raise RuntimeError(f"memopt: unexpected Shard(0) split: rank {rank} holds {local.shape[0]} of {d0} rows")
     return local, Layout.row_shard(p.shape, start, stop, group)
+
+
+# -- name-keyed, world-size-independent optimizer state ------------------------------------------
+def _slots(opt, names: dict | None):
+    """(name, layout, state, init) for every logical parameter of ``opt``, in the same order on every
+    rank. ``init()`` creates the state of a parameter that has none yet (for loading)."""
+    from .base import _is_dtensor
+
+    names = names or {}
+    # Bound flat partitions first, in binding order (ZeRO-3 empties param_groups between steps).
+    for p, frags in opt._fragments.items():
+        group = opt._fragment_group[p]
+        st = opt.state[p]
+        for name, _off, layout in frags:
+            sub = st.setdefault(name, {})
+            yield name, layout, sub, _initializer(opt, layout, sub, group, p.device, None)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p in opt._fragments:
+                continue
+            if _is_dtensor(p):
+                local, layout = dtensor_layout(p)
+            else:
+                local, layout = p, Layout.whole(p.shape)
+            if p not in names:
+                raise KeyError(f"no name for a parameter of shape {tuple(p.shape)}: pass names=model")
+            st = opt.state[p]
+            yield names[p], layout, st, _initializer(opt, layout, st, group, p.device, local)
+
+
+def _initializer(opt, layout, state, group, device, local):
+    def init():
+        if not state:
+            state["step"] = 0
+            state["nonfinite_skips"] = 0
+            if layout.sharded:
+                opt._init_sharded_state(layout, state, group, device)
+            else:
+                opt._init_state(local, state, group)
+    return init
+
+
+def _param_names(model_or_names) -> dict:
+    if model_or_names is None:
+        return {}
+    if isinstance(model_or_names, torch.nn.Module):
+        return {p: n for n, p in model_or_names.named_parameters()}
+    return dict(model_or_names)
+
+
+def _kind_of(key: str, value: torch.Tensor, layout: Layout) -> str:
+    if not layout.factored:
+        return "elem"
+    if key.endswith("_row"):
+        return "row"
+    if key.endswith("_col"):
+        return "col"
+    return "elem"
+
+
+def full_state_dict(opt, names=None) -> dict:
+    """The optimizer state keyed by parameter *name*, every tensor at its full logical shape.
+
+    A collective when parameters are sharded: every rank must call it; every rank gets the same
+    result (save it from one rank). ``names``: the model (its ``named_parameters``) or a
+    {parameter: name} dict; DeepSpeed-bound partitions carry their names already. Restore with
+    ``load_full_state_dict`` at any world size and any layout.
+    """
+    names = _param_names(names)
+    out = {}
+    for name, layout, st, _init in _slots(opt, names):
+        if not st:
+            continue
+        entry = {}
+        for key, v in st.items():
+            if not torch.is_tensor(v):
+                entry[key] = v
+                continue
+            kind = _kind_of(key, v, layout)
+            if kind == "elem":
+                entry[key] = layout.gather_full(v) if layout.sharded else v.detach().clone()
+            elif kind == "row":
+                entry[key] = layout.gather_rows(v).view(layout.full_shape[:-1])
+            else:
+                entry[key] = v.detach().clone().view(layout.full_shape[:-2] + layout.full_shape[-1:])
+        out[name] = entry
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    sd = {"state": out, "param_groups": groups, "format": "memopt-full-v1"}
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is not None:
+        sd["loss_scaler"] = dict(vars(scaler))
+    return sd
+
+
+def load_full_state_dict(opt, sd: dict, names=None) -> None:
+    """Restore a ``full_state_dict`` into ``opt`` (any world size, any layout)."""
+    if sd.get("format") != "memopt-full-v1":
+        raise ValueError("not a memopt full optimizer state dict (memopt.sharding.full_state_dict)")
+    names = _param_names(names)
+    missing = []
+    for name, layout, st, init in _slots(opt, names):
+        entry = sd["state"].get(name)
+        if entry is None:
+            missing.append(name)
+            continue
+        init()
+        for key, v in entry.items():
+            if not torch.is_tensor(v):
+                st[key] = v
+                continue
+            cur = st.get(key)
+            kind = _kind_of(key, v, layout)
+            if kind == "elem":
+                new = layout.local_of(v) if layout.sharded else v
+            elif kind == "row":
+                new = layout.rows_of(v) if layout.row_sharded else v
+            else:
+                new = v
+            if cur is None:
+                raise KeyError(f"{name}: saved state {key!r} is unknown to {type(opt).__name__}")
+            cur.copy_(new.reshape(cur.shape))
+    if missing and len(missing) == sum(1 for _ in _slots(opt, names)):
+        raise KeyError(f"no saved state matches these parameters (e.g. {missing[0]!r})")
+    if len(sd["param_groups"]) == len(opt.param_groups):
+        for g, saved in zip(opt.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k in g})
+    if "loss_scaler" in sd and getattr(opt, "loss_scaler", None) is not None:
+        for k, v in sd["loss_scaler"].items():
+            setattr(opt.loss_scaler, k, v)

@@ -132,6 +132,9 @@ def fsdp2_worker(rank, world, cases, steps=STEPS):
         model = BagModel(0)
         fully_shard(model, mesh=mesh)
         opt = memopt.create_optimizer(name, model.parameters(), **hp)
+        from memopt.sharding import COMM_STATS, reset_comm_stats
+
+        reset_comm_stats()
         for step in range(steps):
             loss = model(local_batch(step, rank, world))
             if fused:
@@ -140,6 +143,7 @@ def fsdp2_worker(rank, world, cases, steps=STEPS):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        out[case + ":collectives"] = COMM_STATS["collectives"]
         out[case] = [p.full_tensor().detach().clone() for p in model.ps]
         out[case + ":state_bytes"] = opt.state_bytes()
     return out
@@ -246,4 +250,82 @@ def combo_worker(rank, world, jobs):
     out = {}
     for worker, args in jobs:
         out.update(worker(rank, world, *args))
+    return out
+
+
+# -- checkpoints across world sizes ------------------------------------------------------------
+def train_steps(model, opt, steps, rank=0, world=1, fused=False):
+    for step in steps:
+        xs = batch(step) if world == 1 else local_batch(step, rank, world)
+        loss = model(xs)
+        if fused:
+            opt.fused_backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def load_full_params(model, full_params):
+    """Copy full tensors into (possibly FSDP2-sharded) parameters."""
+    import torch.distributed.tensor as dt
+
+    from memopt.sharding import dtensor_layout
+
+    with torch.no_grad():
+        for p, full in zip(model.ps, full_params):
+            if isinstance(p, dt.DTensor):
+                local, layout = dtensor_layout(p)
+                local.copy_(layout.local_of(full).view(local.shape))
+            else:
+                p.copy_(full)
+
+
+def fsdp2_checkpoint_worker(rank, world, cases, saved=None, split=3, steps=STEPS):
+    """``saved`` None: train ``split`` steps and return {case: (full params, full optimizer state)}.
+    Otherwise load ``saved[case]`` and train the remaining steps; return {case: full params}."""
+    import memopt
+    from memopt.sharding import full_state_dict, load_full_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for case in cases:
+        name, hp, fused = CASES[case]
+        model = BagModel(0)
+        fully_shard(model, mesh=mesh)
+        opt = memopt.create_optimizer(name, model.parameters(), **hp)
+        if saved is None:
+            train_steps(model, opt, range(split), rank, world, fused)
+            out[case] = ([p.full_tensor().detach().clone() for p in model.ps], full_state_dict(opt, model))
+        else:
+            params, state = saved[case]
+            load_full_params(model, params)
+            load_full_state_dict(opt, state, model)
+            train_steps(model, opt, range(split, steps), rank, world, fused)
+            out[case] = [p.full_tensor().detach().clone() for p in model.ps]
+    return out
+
+
+def deepspeed_checkpoint_worker(rank, world, stage, cases, split=3):
+    """Train ``split`` steps under ZeRO-``stage``; return {case: (full params, full optimizer state)}."""
+    no_deepspeed_op_builds()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from memopt.integrations.deepspeed import initialize
+    from memopt.sharding import full_state_dict
+
+    out = {}
+    for case in cases:
+        name, hp, _ = CASES[case]
+        engine, opt, *_ = initialize(model=BagModel(0), optimizer=name, optimizer_params=hp,
+                                     config=deepspeed_config(stage, world))
+        for step in range(split):
+            loss = engine(local_batch(step, rank, world))
+            engine.backward(loss)
+            engine.step()
+        client = opt if hasattr(opt, "_fragments") else opt.optimizer
+        params = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.ps]
+        out[case] = (params, full_state_dict(client, engine.module))
     return out

@@ -18,9 +18,17 @@ def _check(results, cases):
             assert dh.max_abs_diff(rank_result[case], ref) <= dh.TOL, case
 
 
+# All-reduces per optimizer step, whatever the number of parameters (6 here): Adafactor/AdaLomo
+# 2 phases, CAME 3, LOMO 1, global-norm clipping 1 more.
+COLLECTIVES_PER_STEP = {"adafactor": 2, "adafactor_b1_wd": 2, "came": 3, "adalomo": 2, "adalomo_clip": 3, "lomo": 1}
+
+
 def test_fsdp2_w3_uneven_matches_single_process():
     results = dh.run_world(dh.fsdp2_worker, 3, CASES)
     _check(results, CASES)
+    for case, per_step in COLLECTIVES_PER_STEP.items():
+        for r in results:
+            assert r[case + ":collectives"] == per_step * dh.STEPS, case
     # Each rank holds its share: less factored state than a single process would.
     for case in ("came", "adafactor_b1_wd"):
         import memopt

@@ -92,7 +92,8 @@ def bind_engine(engine, optimizer: MemoptOptimizer) -> int:
                 length = max(0, min(part, p.ds_numel - start))
                 frags.append((names.get(id(p), f"param{id(p)}"), off, Layout.flat(p.ds_shape, start, length, pg)))
                 off += part
-            optimizer.bind_fragments(flat, frags)
+            gid = zopt.sub_group_to_group_id[sg] if hasattr(zopt, "sub_group_to_group_id") else 0
+            optimizer.bind_fragments(flat, frags, optimizer.param_groups[gid])
             bound += 1
         return bound
     if hasattr(zopt, "bit16_groups"):  # ZeRO-1/2
@@ -112,6 +113,6 @@ def bind_engine(engine, optimizer: MemoptOptimizer) -> int:
             else:
                 lpa, hpa = hm.lp_fragment_address, hm.hp_fragment_address
                 frags.append((name, hpa.start, Layout.flat(lp.shape, lpa.start, lpa.numel, pg)))
-        optimizer.bind_fragments(flats[i], frags)
+        optimizer.bind_fragments(flats[i], frags, optimizer.param_groups[i])
         bound += 1
     return bound
