@@ -34,6 +34,9 @@ def main(argv: list[str] | None, kind: str) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     args = ap.parse_args(argv)
     _setup_cpu_environment()
+    from pretrain.train.launch_env import configure_from_cli
+
+    configure_from_cli()  # RANK/WORLD_SIZE/MASTER_ADDR from MPI or srun variables when a launcher did not set them
     if args.local_rank is not None:  # only the deepspeed launcher passes --local_rank
         os.environ["MEMOPT_LAUNCHED_BY_DEEPSPEED"] = "1"
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
