@@ -1,7 +1,6 @@
 """GPT / BERT datasets over indexed prefixes: samples, splits, blends, cache, resumable loader."""
 
 import json
-import os
 
 import numpy as np
 import pytest

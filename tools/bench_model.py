@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Forward+backward speed of our GPT against transformers' GPT2LMHeadModel of identical shape.
 
-    python tools/bench_model.py --preset demo --batch-size 8 --rounds 7 \
+    python tools/bench_model.py --preset demo --batch-size 8 --steps 4 --rounds 5 \
         --markdown docs/benchmarks/model_speed.md --json docs/benchmarks/model_speed.json
 
 Both models run in one process, in training mode (same dropout), in fp32, on the same batches.

@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import re
 import sys
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from pretrain.data.indexed import IndexedDatasetWriter, token_dtype
 from pretrain.data.readers import DataError, check_inputs, iter_documents
