@@ -80,7 +80,7 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
     num_samples = (cfg.train.steps * global_batch, max(1, n_evals) * cfg.train.eval_iters * cfg.train.micro_batch_size * world, 0)
     train_ds, valid_ds, _ = task.build_datasets(cfg, tokenizer, seq_length, num_samples)
 
-    model = build_model(model_cfg).to(device)
+    model = build_model(model_cfg, seed=cfg.train.seed).to(device)
     if cfg.train.precision == "bf16":
         model = model.to(torch.bfloat16)
     engine = build_engine(model, cfg, kind)
