@@ -153,3 +153,32 @@ def test_multiprocess_engines_train_and_resume_at_another_world_size(tmp_path, e
     if engine == "ddp":
         summary = train(_cfg(tmp_path, "train.steps=6", f"optimizer.name={optimizer}", "engine.kind=single"), GPT)
         assert summary["steps"] == 6
+
+
+def test_bert_pretraining_runs_and_resumes(tmp_path):
+    from pretrain.config import load_run_config
+    from pretrain.train.tasks import BERT
+    from pretrain.train.trainer import train
+
+    def cfg(*extra):
+        return load_run_config(str(ROOT / "configs/bert_tiny.yaml"), [
+            f"output_dir={tmp_path}", f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}",
+            "train.progress_bar=false", "train.eval_every=2", *extra])
+
+    summary = train(cfg("train.steps=2"), BERT)
+    assert summary["steps"] == 2 and summary["last_loss"] < 20
+    summary = train(cfg("train.steps=3"), BERT)  # resume=auto from step 2
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert any("val_loss" in r for r in rows)
+
+
+def test_fused_backward_with_gradient_accumulation_falls_back_or_fails_clearly(tmp_path):
+    from pretrain.train.engines import use_fused_backward
+
+    assert use_fused_backward(_cfg(tmp_path, "optimizer.name=adalomo")) is True
+    assert use_fused_backward(_cfg(tmp_path, "optimizer.name=adalomo", "train.grad_accum_steps=2")) is False
+    assert use_fused_backward(_cfg(tmp_path, "optimizer.name=adafactor")) is False
+    with pytest.raises(ValueError, match="grad_accum_steps > 1"):
+        use_fused_backward(_cfg(tmp_path, "optimizer.name=lomo", "optimizer.fused_backward=on", "train.grad_accum_steps=2"))

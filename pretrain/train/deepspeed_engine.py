@@ -62,6 +62,12 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, cfg):
         import deepspeed
+        import deepspeed.ops
+
+        if not torch.cuda.is_available():
+            # On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce op on first use
+            # (minutes on a fresh machine); gloo through torch.distributed is enough here.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
         self.cfg = cfg
         self.module = model
