@@ -52,6 +52,12 @@ class OptimizerSection(_Section):
     # happen on every micro-batch).
     fused_backward: Literal["auto", "on", "off"] = "auto"
 
+    @field_validator("fused_backward", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("name")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
