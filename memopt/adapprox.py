@@ -17,18 +17,6 @@ from .lowrank import next_rank, relative_error, residual_norms_, s_rsi, second_m
 _MASK64 = (1 << 64) - 1
 VHAT_FLOORS = ("grad", "zero")
 
-# Elements per row block of the element-wise tail of a matrix update: a block of the scratch
-# buffer and of G (2 x 1 MiB) stays in the 2 MiB L2 of this project's CPU machine between the
-# ~15 operations on it, instead of ~15 passes over DRAM. Chosen by a sweep (docs/adapprox.md).
-BLOCK_ELEMS = 1 << 18
-
-
-def _row_blocks(rows: int, cols: int, block_elems: int = BLOCK_ELEMS):
-    step = max(1, block_elems // max(cols, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
-
-
 def _mix64(x: int) -> int:
     """splitmix64 finalizer: nearby inputs give unrelated 64-bit outputs."""
     x &= _MASK64
@@ -324,24 +312,20 @@ class Adapprox(MemoptOptimizer):
         return state["exp_avg"]
 
     @staticmethod
-    def _apply(w, uhat, exp_avg, u_scale, group, step_size, blocks) -> None:
-        """Steps 6-7 on same-shaped views w, uhat, exp_avg (None when beta1 = 0), per block.
+    def _apply(w, uhat, exp_avg, u_scale, group, step_size) -> None:
+        """Steps 6-7 on same-shaped w, uhat, exp_avg (None when beta1 = 0).
 
-        The true (clipped) update is u_scale * uhat. Per block, the first moment is still in
-        cache when W reads it.
+        The true (clipped, bias-corrected) Uhat is u_scale * uhat: one scalar, no extra pass.
         """
         beta1 = group["betas"][0]
         decay = 1.0 - group["lr"] * group["weight_decay"]
-        for blk in blocks:
-            wb = w[blk]
-            if decay != 1.0:
-                wb.mul_(decay)
-            if exp_avg is None:
-                wb.add_(uhat[blk], alpha=-group["lr"] * u_scale)
-            else:
-                mb = exp_avg[blk]
-                mb.mul_(beta1).add_(uhat[blk], alpha=(1.0 - beta1) * u_scale)
-                wb.add_(mb, alpha=-step_size)
+        if decay != 1.0:
+            w.mul_(decay)  # W - lr*wd*W, with the W from before this step
+        if exp_avg is None:
+            w.add_(uhat, alpha=-group["lr"] * u_scale)
+        else:
+            exp_avg.mul_(beta1).add_(uhat, alpha=(1.0 - beta1) * u_scale)
+            w.add_(exp_avg, alpha=-step_size)
 
     def _update_vector(self, p, grad, state, group, step):
         beta2 = group["betas"][1]
@@ -354,7 +338,7 @@ class Adapprox(MemoptOptimizer):
         uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
         # RMS clip of the true Uhat = c2 * uhat, folded into one scalar.
         u_scale = c2 / max(1.0, c2 * float(rms(uhat)) / group["clip_threshold"])
-        self._apply(p, uhat, self._first_moment(p, state, group), u_scale, group, step_size, [...])
+        self._apply(p, uhat, self._first_moment(p, state, group), u_scale, group, step_size)
         return True
 
     def _update_matrix(self, p, grad, state, group, step):
@@ -394,33 +378,26 @@ class Adapprox(MemoptOptimizer):
             omega = torch.randn(B, n, r, generator=gen, device=p.device)
             q, u = s_rsi(apply_v, apply_vt, k, group["power_iters"], omega=omega)
 
-        # -- error, Vhat and Uhat, per row block (the block stays in cache) ------------------
+        # -- error, then Vhat and Uhat, all in the scratch buffer ----------------------------
         c2, eps, step_size = self._corrections(group, step)
-        c = 1.0 - beta2
+        v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
+        # AS-RSI. A stack's error is that of its worst matrix.
+        error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+        vhat = torch.bmm(q, u.mT, out=buf)
         # The clamps use the smallest normal float instead of 0: sqrt of exact zeros runs ~10x
         # slower on this CPU (measured: 100 ms vs 12 ms for 50257 x 768), and sqrt(1.2e-38) =
         # 1.1e-19 vanishes next to eps (eps + 1e-19 == eps in fp32 for eps >= 1e-11).
         tiny = torch.finfo(torch.float32).tiny
-        v_norms, r_norms, u_norms = [], [], []
-        blocks = [(b, rows) for b in range(B) for rows in _row_blocks(m, n)]
-        for b, rows in blocks:
-            s, gb, qb = buf[b, rows], g[b, rows], q[b, rows]
-            v_norm, r_norm = residual_norms_(s, q_prev[b, rows], u_prev[b], qb, u[b], beta2, scale=g2_mean)
-            v_norms.append(v_norm)
-            r_norms.append(r_norm)
-            vhat = torch.mm(qb, u[b].T, out=s)
-            if group["vhat_floor"] == "grad":
-                # max(Q U^T, (1-beta2) G*G) as (x - c G*G)^+ + c G*G: no second buffer.
-                vhat.addcmul_(gb, gb, value=-c).clamp_(min=tiny).addcmul_(gb, gb, value=c)
-            else:
-                vhat.clamp_(min=tiny)
-            uhat = torch.div(gb, vhat.sqrt_().add_(eps), out=s)
-            u_norms.append(torch.linalg.vector_norm(uhat))
-        # AS-RSI. A stack's error is that of its worst matrix. The error is also the last
-        # guard before the state changes: an overflow inside the products shows up as inf/nan.
-        per_block = len(blocks) // B
-        error = relative_error(torch.stack(v_norms).view(B, per_block), torch.stack(r_norms).view(B, per_block)).max()
-        u_sq = torch.stack(u_norms).double().square().sum()
+        if group["vhat_floor"] == "grad":
+            # max(Q U^T, (1-beta2) G*G) as (x - c G*G)^+ + c G*G: no second m x n buffer.
+            c = 1.0 - beta2
+            vhat.addcmul_(g, g, value=-c).clamp_(min=tiny).addcmul_(g, g, value=c)
+        else:
+            vhat.clamp_(min=tiny)
+        uhat = torch.div(g, vhat.sqrt_().add_(eps), out=buf)
+        u_sq = torch.linalg.vector_norm(uhat).double().square()
+        # The last guard before the state changes: an overflow inside the products or the
+        # update shows up here as inf/nan.
         if not is_finite(torch.stack([error, u_sq])):
             return False
 
@@ -434,13 +411,5 @@ class Adapprox(MemoptOptimizer):
         # RMS clip of the true Uhat = c2 * uhat over the whole tensor, folded into one scalar.
         u_rms = math.sqrt(float(u_sq) / p.numel())
         u_scale = c2 / max(1.0, c2 * u_rms / group["clip_threshold"])
-        exp_avg = self._first_moment(p, state, group)
-        # Parameters are contiguous in practice; a strided one is updated through a copy.
-        w = p if p.is_contiguous() else p.contiguous()
-        self._apply(
-            w.view(B, m, n), buf, None if exp_avg is None else exp_avg.view(B, m, n),
-            u_scale, group, step_size, blocks,
-        )
-        if w is not p:
-            p.copy_(w)
+        self._apply(p, uhat.view(p.shape), self._first_moment(p, state, group), u_scale, group, step_size)
         return True

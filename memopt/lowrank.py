@@ -108,12 +108,13 @@ def residual_norms_(
     beta2: float,
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||V||_F, ||V - Q U^T||_F) / scale over a block of rows, V = beta2*Q_prev U_prev^T + (1-beta2)*S.
+    """(||V||_F, ||V - Q U^T||_F) / scale per matrix, V = beta2*Q_prev U_prev^T + (1-beta2)*S.
 
-    2-D: S (b, n) holds G*G for some rows of a matrix, Q_prev (b, k') and Q (b, k) the same
-    rows of the factors, U_prev (n, k') and U (n, k) whole. Squared norms are sums over rows,
-    so the error of a whole matrix is sqrt(sum r^2 / sum v^2) over its blocks, and a sharded
-    version all-reduces two scalars per matrix.
+    S (B, b, n) holds G*G for b rows (all of them, or a block) of each matrix, Q_prev (B, b, k')
+    and Q (B, b, k) the same rows of the factors, U_prev (B, n, k') and U (B, n, k) whole.
+    Returns two (B,) tensors. Squared norms are sums over rows, so the error over several
+    row blocks is ``relative_error`` of their stacked norms, and a sharded version
+    all-reduces two scalars per matrix.
 
     Destroys S: it is the scratch space for V / scale and then the residual / scale, so no
     memory beyond the G*G buffer is needed. ``scale`` (> 0, e.g. mean(G*G)) cancels in the
@@ -128,14 +129,14 @@ def residual_norms_(
     """
     V = S.mul_((1.0 - beta2) / scale)
     if Q_prev.shape[-1] > 0 and beta2 != 0.0:
-        V.addmm_(Q_prev, U_prev.T, alpha=beta2 / scale)
-    v_norm = torch.linalg.vector_norm(V)
-    R = V.addmm_(Q, U.T, alpha=-1.0 / scale)
-    return v_norm, torch.linalg.vector_norm(R)
+        V.baddbmm_(Q_prev, U_prev.mT, alpha=beta2 / scale)
+    v_norm = torch.linalg.vector_norm(V, dim=(-2, -1))
+    R = V.baddbmm_(Q, U.mT, alpha=-1.0 / scale)
+    return v_norm, torch.linalg.vector_norm(R, dim=(-2, -1))
 
 
 def relative_error(v_norms: torch.Tensor, r_norms: torch.Tensor) -> torch.Tensor:
-    """sqrt(sum r^2 / sum v^2) over the last dim (the blocks of one matrix), in float64.
+    """sqrt(sum r^2 / sum v^2) over the last dim (the row blocks of one matrix), in float64.
 
     An all-zero V (zero gradient, no history) is represented exactly: error 0, not 0/0. The
     test is == 0, not > 0, so that a nan norm stays nan for the caller's finiteness check.
