@@ -33,29 +33,55 @@ def test_meter_sees_a_transient_allocation_and_resets():
     assert idle["peak"] < alloc["peak"] - 50 * 2**20  # and was reset for the next stage
 
 
-def _grads(model, batch):
-    from pretrain.models import gpt_loss
-
-    model.zero_grad(set_to_none=True)
-    loss, _ = gpt_loss(model, batch)
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, float(loss.detach())
-
-
-def test_tied_gradient_in_place_gives_the_same_gradients(model_parallel_tp1):
+def _tiny(seed=3):
     from pretrain.models import build_gpt, get_preset
 
     cfg = get_preset("tiny", "gpt", vocab_size=500, hidden_dropout=0.0, attention_dropout=0.0)
-    batch = bench._batch(torch, cfg, 16, 0)
-    model = build_gpt(cfg, seed=3)
-    ref, ref_loss = _grads(model, batch)
-    bench.tie_gradient_in_place(torch, model)
+    return build_gpt(cfg, seed=seed), cfg
+
+
+def _grads(model, batches, accumulate=False):
+    """Gradients of the summed loss of ``batches``: one graph, or one backward per batch."""
+    from pretrain.models import gpt_loss
+
+    model.zero_grad(set_to_none=True)
+    losses = [gpt_loss(model, b)[0] for b in batches]
+    if accumulate:
+        for loss in losses:
+            loss.backward()
+    else:
+        sum(losses).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_batches,accumulate", [(1, False), (2, False), (2, True)])
+def test_tied_gradient_in_place_gives_the_same_gradients(model_parallel_tp1, n_batches, accumulate):
+    model, cfg = _tiny()
+    batches = [bench._batch(torch, cfg, 16, i) for i in range(n_batches)]
+    ref = _grads(model, batches, accumulate)
+    bench.tie_gradient_in_place(model)
     seen = []
     emb = model.embedding.word_embeddings.weight
-    h = emb.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.data_ptr()))
-    got, loss = _grads(model, batch)
+    h = emb.register_post_accumulate_grad_hook(lambda p: seen.append(1))
+    got = _grads(model, batches, accumulate)
     h.remove()
-    assert loss == ref_loss
-    assert len(seen) == 1  # the tied weight's gradient is final exactly once
+    assert len(seen) == (n_batches if accumulate else 1)  # final once per backward
     for name, g in ref.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tied_gradient_in_place_fused_adalomo_step_is_unchanged(model_parallel_tp1):
+    import memopt
+    from pretrain.models import gpt_loss
+
+    weights = []
+    for tied in (False, True):
+        model, cfg = _tiny()
+        if tied:
+            bench.tie_gradient_in_place(model)
+        opt = memopt.AdaLomo(model.parameters(), lr=1e-2)
+        for step in range(2):
+            opt.fused_backward(gpt_loss(model, bench._batch(torch, cfg, 16, step))[0])
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=name)
