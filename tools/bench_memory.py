@@ -634,7 +634,7 @@ def write_markdown(path: Path, summary: dict, bars: dict, meta: dict, notes: str
         meta["command"],
         "```",
         "",
-        f"Machine: {meta['machine']}. torch {meta['torch']}, megatron-core {meta['megatron']}. "
+        f"Source: commit {meta['source']}. Machine: {meta['machine']}. torch {meta['torch']}, megatron-core {meta['megatron']}. "
         f"{meta['steps']} training steps per case, each case in a fresh process, "
         f"OMP_NUM_THREADS={meta['threads']}, glibc malloc with `{meta['malloc']}`.",
         "",
@@ -714,6 +714,16 @@ def allocator_table(default_runs: list[dict], results: dict, seq: int) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _source() -> str:
+    """The commit measured, and whether memopt/ or pretrain/ differ from it."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "memopt", "pretrain")
+    return commit + (" + uncommitted changes in memopt/ or pretrain/" if dirty else " (clean memopt/, pretrain/)")
+
+
 def run_all(cases, seqs, steps, allocator, probes=True) -> dict:
     results = {}
     order = ["weights", "activations"] + [c for c in cases if c not in ("weights", "activations")]
@@ -761,6 +771,7 @@ def main(argv=None) -> int:
         notes += "\n" + allocator_table(default_runs, results, seq)
     given = sys.argv[1:] if argv is None else list(argv)
     meta = dict(
+        source=_source(),
         command=" ".join(["python tools/bench_memory.py"] + given),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
         torch=torch.__version__, megatron=version("megatron-core"), steps=args.steps,
