@@ -332,8 +332,12 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
 
     tok = tokenizer or (str(Path(hf_dir) / "tokenizer.model") if (Path(hf_dir) / "tokenizer.model").is_file() else None)
     arch = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
-                                          "ffn_hidden_size", "layernorm_epsilon", "init_method_std")}
-    ov = [f"output_dir={out_dir}", "model.kind=gpt", "model.preset=tiny", f"model.overrides={json.dumps(arch)}",
+                                          "ffn_hidden_size", "init_method_std")}
+    # Only when it differs from the default: the run's config.json is JSON (1e-05) read back as
+    # YAML 1.1, where an exponent without a dot is a string.
+    if cfg.layernorm_epsilon != GPTConfig.__dataclass_fields__["layernorm_epsilon"].default:
+        arch["layernorm_epsilon"] = float(f"{cfg.layernorm_epsilon:.8e}")
+    ov = [f"output_dir={out_dir}", "model.kind=gpt", "model.preset=tiny", "model.overrides={" + ", ".join(f"{k}: {v!r}" for k, v in arch.items()) + "}",
           f"train.seq_length={cfg.seq_length}"] + ([f"data.tokenizer={os.path.abspath(tok)}"] if tok else []) + list(overrides)
     run_cfg = load_run_config(base_config or str(ROOT / "configs/gpt_tiny.yaml"), ov)
     # the run's own dropout settings apply when training (the model above was built without)

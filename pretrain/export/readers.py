@@ -113,6 +113,7 @@ def _safe_reader(path: Path):
 
 def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
     """The ``model`` part of a DCP checkpoint, in this process, without a process group."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -129,13 +130,20 @@ def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
         _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     except ExportError:
         raise
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
         raise ExportError(f"cannot read DCP checkpoint {path} (corrupt or truncated shard?): {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{_first_error_line(e)}") from None
     model = sd.get("model")
     if not isinstance(model, dict):
         raise ExportError(f"{path}: DCP checkpoint has no 'model' state")
     return model
+
+
+def _first_error_line(e: BaseException) -> str:
+    """The innermost error line of an exception (DCP wraps per-rank tracebacks in its message)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
+    return (errs[-1] if errs else lines[0] if lines else "")[:300]
 
 
 # -- DeepSpeed ----------------------------------------------------------------------------------
