@@ -216,9 +216,9 @@ def test_fsdp2_dcp_checkpoint_round_trips_without_its_world_size(single, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_zero_checkpoint_round_trips(single, tmp_path, stage):
-    """DeepSpeed ZeRO-0/1/3 on 2 ranks -> merged in one process (weights_only loads)."""
+    """DeepSpeed ZeRO-0/1/2/3 on 2 ranks -> merged in one process (weights_only loads)."""
     pytest.importorskip("deepspeed")
     from pretrain.export import export, load_model_state
 

@@ -190,7 +190,6 @@ def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None) ->
         hf_sd = transform(hf_sd)
     cfg_cls, model_cls = _hf_classes(cls_name)
     config = cfg_cls(**hf_cfg, architectures=[cls_name], bos_token_id=2, eos_token_id=3, pad_token_id=0)
-    config.torch_dtype = "float32"
     model = model_cls(config)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}

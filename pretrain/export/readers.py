@@ -9,7 +9,7 @@ No process group and no knowledge of the world size that wrote the checkpoint is
 - DeepSpeed ZeRO 1-3: the fp32 master partitions in ``*_optim_states.pt``, merged by DeepSpeed's
   ``zero_to_fp32``; DeepSpeed calls ``torch.load(weights_only=False)`` there, so we run it with
   ``torch.load`` forced to ``weights_only=True`` and only DeepSpeed's two plain data classes
-  (``ZeroStageEnum``, ``LossScaler``) allow-listed: no arbitrary code can run.
+  (``ZeroStageEnum``, ``LossScaler``, ``fragment_address``) allow-listed: no arbitrary code can run.
 
 A missing, truncated or corrupt file raises ``ExportError`` naming the file.
 """
@@ -47,7 +47,7 @@ def safe_torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / corrupt / contains code
         raise ExportError(f"cannot read checkpoint file {path} (corrupt, truncated or not a weights file): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{type(e).__name__}: {_first_error_line(e)}") from None
 
 
 def load_model_state(ckpt: Path) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -142,7 +142,7 @@ def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
 def _first_error_line(e: BaseException) -> str:
     """The innermost error line of an exception (DCP wraps per-rank tracebacks in its message)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    errs = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
+    errs = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) or "Unsupported global" in ln]
     return (errs[-1] if errs else lines[0] if lines else "")[:300]
 
 
@@ -162,14 +162,17 @@ class _SafeTorch:
             return torch.load(f, *args, **kwargs)
         except Exception as e:
             raise ExportError(f"cannot read DeepSpeed checkpoint file {f} (corrupt or truncated?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{type(e).__name__}: {_first_error_line(e)}") from None
 
 
 def _deepspeed_safe_globals():
+    """DeepSpeed's plain data classes found in its checkpoint files: an enum, the loss scaler's
+    state holder and ZeRO-1/2's (numel, start) fragment record. Constructing them runs no code."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _load_deepspeed(ckpt: Path) -> Dict[str, torch.Tensor]:
