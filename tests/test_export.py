@@ -258,3 +258,14 @@ def test_bert_exports_to_megatron_bert_for_masked_lm(tmp_path, model_parallel_tp
         "data": {"tokenizer": TOKENIZER}, "train": {"seq_length": 64}}))
     report = export(str(ckpt), str(tmp_path / "hf"), verify_tokenizer=False)
     assert report.hf_class == "MegatronBertForMaskedLM" and report.max_abs_diff < 1e-4
+
+
+def test_initial_weights_from_an_export_or_a_checkpoint(single, exported, model_parallel_tp1):
+    """The helper behind the proposed model.init_from: both sources give the checkpoint's weights."""
+    from pretrain.export.hf import build_source_model, initial_weights, read_checkpoint
+
+    cfg = read_checkpoint(str(single[0])).cfg
+    for source in (exported[0], single[0]):
+        sd = initial_weights(str(source), cfg)
+        build_source_model(cfg, sd)  # loads strictly (all weights present)
+        assert torch.equal(sd["decoder.layers.1.mlp.linear_fc1.weight"], single[1]["decoder.layers.1.mlp.linear_fc1.weight"])

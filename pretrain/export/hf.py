@@ -356,3 +356,24 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
     diff_back = compare(source_logits(build_source_model(cfg, back), cfg, tokens), hf_logits(hf, cfg, tokens), tol,
                         f"checkpoint {step_dir}")
     return dict(checkpoint=str(step_dir), max_abs_diff=max(diff, diff_back), tol=tol, config=str(Path(out_dir) / "config.json"))
+
+
+def initial_weights(path: str, cfg) -> Dict[str, torch.Tensor]:
+    """Weights to start a run from (``model.init_from``, proposed): a checkpoint step dir of any
+    engine, or a local GPT2LMHeadModel directory (converted). The architecture must match ``cfg``."""
+    p = Path(path)
+    arch = None
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        try:
+            arch = json.loads((p / "config.json").read_text()).get("architectures", [None])[0]
+        except (OSError, json.JSONDecodeError):
+            arch = None
+    if arch == "GPT2LMHeadModel":
+        hf = load_hf(str(p), arch)
+        hf_cfg = gpt_config_from_hf(hf.config)
+        if not isinstance(cfg, GPTConfig) or (hf_cfg.num_layers, hf_cfg.hidden_size, hf_cfg.num_attention_heads,
+                                              hf_cfg.vocab_size) != (cfg.num_layers, cfg.hidden_size,
+                                                                     cfg.num_attention_heads, cfg.vocab_size):
+            raise ExportError(f"{path}: architecture differs from the run's model config")
+        return hf_to_gpt(hf.state_dict(), cfg)
+    return load_model_state(p)[0]
