@@ -34,6 +34,8 @@ def decay_beta(step: int, decay_rate: float) -> float:
 class FactoredSecondMoment(MemoptOptimizer):
     """Shared body of Adafactor and AdaLomo: factored second moment, RMS clip, relative step."""
 
+    supports_sharding = True
+
     # How weight decay is rounded: as transformers (w += -d*w) or as lomo_optim (w *= 1-d).
     multiplicative_decay = False
 
@@ -51,8 +53,9 @@ class FactoredSecondMoment(MemoptOptimizer):
     def _init_sharded_state(self, layout, state, group, device=None):
         kw = dict(dtype=torch.float32, device=device)
         if layout.factored:
-            state["exp_avg_sq_row"] = torch.zeros(layout.window, **kw)
-            state["exp_avg_sq_col"] = torch.zeros(layout.full_shape[:-2] + layout.full_shape[-1:], **kw)
+            held = layout.holds_factors
+            state["exp_avg_sq_row"] = torch.zeros(layout.window if held else 0, **kw)
+            state["exp_avg_sq_col"] = torch.zeros(layout.full_shape[:-2] + layout.full_shape[-1:] if held else (0,), **kw)
         else:
             state["exp_avg_sq"] = torch.zeros(layout.length, **kw)
         if group.get("beta1") is not None:
@@ -86,7 +89,9 @@ class FactoredSecondMoment(MemoptOptimizer):
             L, g, d, st, grp = u.layout, u.grad, h[id(u)], u.state, u.group
             eps1, _ = grp["eps"]
             beta = self._beta2(grp, u.step)
-            if L.factored:
+            if L.factored and not L.holds_factors:
+                d["u"] = u.grad  # empty
+            elif L.factored:
                 m, n = L.m, L.n
                 col_sq = red.get(d["col"]).view(L.B, n)
                 row_sq = red.get(d["row"]) if not L.rows_complete else L.row_sums(d["g2"])

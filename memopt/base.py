@@ -60,6 +60,9 @@ def rms(x: torch.Tensor) -> torch.Tensor:
 class MemoptOptimizer(Optimizer):
     """Base class: subclasses implement ``_init_state`` and ``_update`` for one parameter."""
 
+    #: True when the subclass implements ``_init_sharded_state`` and ``_sharded_update``.
+    supports_sharding = False
+
     def __init__(self, params: Iterable, defaults: dict[str, Any], on_nonfinite: str = "skip"):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(

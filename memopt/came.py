@@ -64,14 +64,18 @@ class CAME(MemoptOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
 
+    supports_sharding = True
+
     def _init_sharded_state(self, layout, state, group, device=None):
         kw = dict(dtype=torch.float32, device=device)
         state["exp_avg"] = torch.zeros(layout.length, **kw)
         if layout.factored:
-            col_shape = layout.full_shape[:-2] + layout.full_shape[-1:]
-            state["exp_avg_sq_row"] = torch.zeros(layout.window, **kw)
+            held = layout.holds_factors  # a ZeRO rank holding no element of it keeps no factors
+            col_shape = layout.full_shape[:-2] + layout.full_shape[-1:] if held else (0,)
+            window = layout.window if held else 0
+            state["exp_avg_sq_row"] = torch.zeros(window, **kw)
             state["exp_avg_sq_col"] = torch.zeros(col_shape, **kw)
-            state["exp_avg_res_row"] = torch.zeros(layout.window, **kw)
+            state["exp_avg_res_row"] = torch.zeros(window, **kw)
             state["exp_avg_res_col"] = torch.zeros(col_shape, **kw)
         else:
             state["exp_avg_sq"] = torch.zeros(layout.length, **kw)
@@ -122,7 +126,9 @@ class CAME(MemoptOptimizer):
             L, d, st, grp = u.layout, h[id(u)], u.state, u.group
             eps1, _ = grp["eps"]
             beta2 = grp["betas"][1]
-            if L.factored:
+            if L.factored and not L.holds_factors:
+                d["u"] = u.grad.clone()  # empty
+            elif L.factored:
                 a, s = self._factors(L, red, d, st["exp_avg_sq_row"], st["exp_avg_sq_col"], beta2, eps1, "g")
                 d["u"] = L.scale(u.grad, a, s)
             else:
@@ -149,7 +155,7 @@ class CAME(MemoptOptimizer):
                 w.add_(mom, alpha=-lr)
         red3.run()
         for u, fine in zip(units, ok):
-            if not fine or not u.layout.factored:
+            if not fine or not u.layout.factored or not u.layout.holds_factors:
                 continue
             L, d, st, grp, w = u.layout, h[id(u)], u.state, u.group, u.param
             eps2 = grp["eps"][1]

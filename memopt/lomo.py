@@ -53,6 +53,8 @@ class Lomo(FusedBackwardOptimizer):
     def _init_state(self, p, state, group):
         pass  # stateless beyond the step counter the base class keeps
 
+    supports_sharding = True
+
     def _init_sharded_state(self, layout, state, group, device=None):
         pass
 

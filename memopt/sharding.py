@@ -111,6 +111,11 @@ class Layout:
         return self.kind == "row"
 
     @property
+    def holds_factors(self) -> bool:
+        """False for a ``flat`` layout holding no element: it keeps no factor state at all."""
+        return self.kind != "flat" or self.length > 0
+
+    @property
     def window(self) -> int:
         """Length of the stored row-factor window."""
         return self.row_hi - self.row_lo
@@ -367,9 +372,16 @@ def full_state_dict(opt, names=None) -> dict:
             if kind == "elem":
                 entry[key] = layout.gather_full(v) if layout.sharded else v.detach().clone()
             elif kind == "row":
-                entry[key] = layout.gather_rows(v).view(layout.full_shape[:-1])
+                if layout.kind == "flat":
+                    entry[key] = _from_holders(layout, v, layout.rows_total).view(layout.full_shape[:-1])
+                else:
+                    entry[key] = layout.gather_rows(v).view(layout.full_shape[:-1])
             else:
-                entry[key] = v.detach().clone().view(layout.full_shape[:-2] + layout.full_shape[-1:])
+                col_shape = layout.full_shape[:-2] + layout.full_shape[-1:]
+                if layout.kind == "flat":
+                    entry[key] = _from_holders(layout, v, col_shape.numel()).view(col_shape)
+                else:
+                    entry[key] = v.detach().clone().view(col_shape)
         out[name] = entry
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     sd = {"state": out, "param_groups": groups, "format": "memopt-full-v1"}
@@ -377,6 +389,15 @@ def full_state_dict(opt, names=None) -> dict:
     if scaler is not None:
         sd["loss_scaler"] = dict(vars(scaler))
     return sd
+
+
+def _from_holders(layout: Layout, v: torch.Tensor, numel: int) -> torch.Tensor:
+    """A replicated factor of a ``flat`` layout, from the ranks that hold it (a MAX all-reduce:
+    factors are positive and identical on holders; ranks holding no element contribute zeros)."""
+    full = v.detach().reshape(-1).clone() if v.numel() else torch.zeros(numel, dtype=torch.float32, device=v.device)
+    if _world(layout.group) > 1:
+        dist.all_reduce(full, op=dist.ReduceOp.MAX, group=layout.group)
+    return full
 
 
 def load_full_state_dict(opt, sd: dict, names=None) -> None:
@@ -405,6 +426,8 @@ def load_full_state_dict(opt, sd: dict, names=None) -> None:
                 new = v
             if cur is None:
                 raise KeyError(f"{name}: saved state {key!r} is unknown to {type(opt).__name__}")
+            if cur.numel() == 0 and new.numel() != 0:
+                continue  # a factor this rank does not keep (it holds no element of the parameter)
             cur.copy_(new.reshape(cur.shape))
     if missing and len(missing) == sum(1 for _ in _slots(opt, names)):
         raise KeyError(f"no saved state matches these parameters (e.g. {missing[0]!r})")

@@ -60,3 +60,46 @@ def test_pieces_of_a_mid_row_fragment():
     L = Layout.flat((2, 3, 4), 6, 13, None)  # starts mid-row 1, crosses the matrix boundary
     got = [(p.row, p.rows, p.col, p.cols, p.mat) for p in L.pieces()]
     assert got == [(1, 1, 2, 2, 0), (2, 1, 0, 4, 0), (3, 1, 0, 4, 1), (4, 1, 0, 3, 1)]
+
+
+def test_optimizer_without_sharding_support_refuses_sharded_parameters():
+    import memopt
+
+    flat = torch.nn.Parameter(torch.zeros(12))
+    opt = memopt.create_optimizer("adapprox", [flat], lr=1e-3)
+    assert not opt.supports_sharding
+    opt.bind_fragments(flat, [("w", 0, Layout.flat((4, 6), 6, 12, None))])
+    flat.grad = torch.ones(12)
+    with pytest.raises(NotImplementedError, match="does not support sharded"):
+        opt.step()
+
+
+def test_single_process_fragments_equal_whole_parameter_update():
+    """The phased sharded path on one rank holding whole parameters as flat fragments = the plain path."""
+    import memopt
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (3, 4, 6), (9,)]
+    for name, hp in [("adafactor", dict(beta1=0.9)), ("came", dict(lr=1e-2)), ("adalomo", dict(lr=1e-2))]:
+        whole = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in whole]))
+        init = flat.detach().clone()
+        frags, off = [], 0
+        for i, p in enumerate(whole):
+            # a rank holds at most one fragment of a parameter: here all of it, as a flat layout
+            frags.append((f"p{i}", off, Layout.flat(p.shape, 0, p.numel(), None)))
+            off += p.numel()
+        o1 = memopt.create_optimizer(name, whole, **hp)
+        o2 = memopt.create_optimizer(name, [flat], **hp)
+        o2.bind_fragments(flat, frags)
+        for _ in range(3):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            for p, g in zip(whole, grads):
+                p.grad = g
+            flat.grad = torch.cat([g.reshape(-1) for g in grads])
+            o1.step()
+            o2.step()
+        got = flat.detach()
+        want = torch.cat([p.detach().reshape(-1) for p in whole])
+        assert (want - init).abs().max() > 1e-3  # the parameters really moved
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

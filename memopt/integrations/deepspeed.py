@@ -58,6 +58,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise TypeError(f"optimizer must be a memopt optimizer or its name, got {type(optimizer).__name__}")
     elif optimizer_params:
         raise ValueError("optimizer_params is only used with an optimizer name")
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage >= 1 and not optimizer.supports_sharding:
+        raise NotImplementedError(
+            f"{type(optimizer).__name__} does not support ZeRO partitions yet (memopt sharding covers "
+            "Adafactor, CAME, AdaLomo, LOMO); use ZeRO stage 0 with it"
+        )
     optimizer._suspended = True
     try:
         out = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
