@@ -71,7 +71,7 @@ def model_config_from_run(run_cfg: dict, tokenizer_vocab: Optional[int]):
         overrides["seq_length"] = seq
     # Evaluation is deterministic and runs on CPU: no dropout, SDPA attention.
     overrides.update(hidden_dropout=0.0, attention_dropout=0.0)
-    overrides.setdefault("attention_backend", "sdpa")
+    overrides["attention_backend"] = "sdpa"  # same weights under every backend; sdpa runs anywhere
     return get_preset(m.get("preset", "demo"), kind, **overrides)
 
 
