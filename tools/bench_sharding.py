@@ -10,7 +10,8 @@ is measured on that code path, not estimated:
 * ``allreduce_bytes``: the bytes of the flat buffers the optimizer all-reduces per step (the
   payload of its constant number of all-reduces; identical on every rank by construction),
   next to the gradient bytes the data-parallel engine itself reduces per step (fp32).
-* ``state_bytes``: the optimizer state tensors really held by rank 0 (the largest shard).
+* ``state_bytes``: the optimizer state tensors really held by rank 0 (for FSDP2 rank 0 holds the
+  largest row chunks; under ZeRO it holds the first 1/W of the flattened model, embeddings included).
 
 No process group is needed: with no group, the reducer counts its buffers and skips the call.
 
