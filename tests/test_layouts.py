@@ -103,3 +103,27 @@ def test_single_process_fragments_equal_whole_parameter_update():
         want = torch.cat([p.detach().reshape(-1) for p in whole])
         assert (want - init).abs().max() > 1e-3  # the parameters really moved
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,hp", [("adafactor", dict()), ("came", dict(lr=1e-2)), ("lomo", dict(lr=1e-2))])
+def test_sharded_path_skips_nonfinite_gradients_on_the_reduced_statistic(name, hp):
+    import memopt
+
+    flat = torch.nn.Parameter(torch.randn(35 + 9, generator=torch.Generator().manual_seed(0)))
+    opt = memopt.create_optimizer(name, [flat], **hp)
+    opt.bind_fragments(flat, [("w", 0, Layout.flat((7, 5), 0, 35, None)), ("b", 35, Layout.flat((9,), 0, 9, None))])
+    flat.grad = torch.randn(44, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    before = flat.detach().clone()
+    g = torch.randn(44, generator=torch.Generator().manual_seed(2))
+    g[3] = float("inf")  # poisons "w" only
+    flat.grad = g
+    opt.step()
+    st = opt.state[flat]
+    assert st["w"]["nonfinite_skips"] == 1 and st["w"]["step"] == 1
+    assert st["b"]["nonfinite_skips"] == 0 and st["b"]["step"] == 2
+    assert torch.equal(flat.detach()[:35], before[:35])
+    assert not torch.equal(flat.detach()[35:], before[35:])
+    for v in st["w"].values():
+        if torch.is_tensor(v):
+            assert torch.isfinite(v).all()
