@@ -698,20 +698,55 @@ def allocator_table(default_runs: list[dict], results: dict, seq: int) -> str:
         xf = "-" if case in ("weights", "activations") else ", ".join(
             f"{b['peak'] / floor:.3f}" for b in bs)
         rows.append(f"| {case} | {_mb(a['peak'])} | {', '.join(_mb(b['peak']) for b in bs)} | {xf} |")
-    ratios = [r[("adalomo_fused", seq)]["peak"] / r[("adamw", seq)]["peak"] for r in default_runs
-              if ("adalomo_fused", seq) in r and ("adamw", seq) in r]
-    if ratios:
+    def ratios(case):
+        return ", ".join(f"{r[(case, seq)]['peak'] / r[('adamw', seq)]['peak']:.3f}" for r in default_runs
+                         if (case, seq) in r and ("adamw", seq) in r)
+
+    kept = [r["after_build"] - r["weights"] for run in default_runs for r in run.values()]
+    w = results.get(("weights", seq))
+    if ratios("adalomo_fused") and w:
         rows += [
             "",
-            "With glibc's defaults AdaLomo (fused) = " + ", ".join(f"{x:.3f}" for x in ratios)
-            + " x AdamW. The difference is freed memory that glibc keeps (the RSS right after building "
-            "the model varies from run to run, the model being the same), not memory the program "
-            "holds: the savings of a fused update reach the process's RSS only with an allocator "
-            "that returns large freed blocks, e.g. `MALLOC_MMAP_THRESHOLD_=65536` in the launch "
-            "environment or `mallopt(M_MMAP_THRESHOLD, 65536)` at start-up.",
+            f"With glibc's defaults AdaLomo (fused) = {ratios('adalomo_fused')} x AdamW "
+            f"(with the tied gradient built in place: {ratios('adalomo_fused_tied')}). The extra is "
+            "freed memory that glibc keeps, not memory the program holds: right after the model is "
+            f"built (the same model every time) the RSS is already {_mb(min(kept))} to "
+            f"{_mb(max(kept))} MB above the weights in these processes ({_mb(w['after_build'] - w['weights'])} MB "
+            "with the fixed threshold): blocks freed while the model was built stay in the heap, more "
+            "are kept during the steps, and the amount differs from process to process. The savings "
+            "of a fused update reach the process's RSS only with an allocator that returns freed "
+            "blocks, e.g. `MALLOC_MMAP_THRESHOLD_=65536` in the launch environment or "
+            "`mallopt(M_MMAP_THRESHOLD, 65536)` at start-up.",
             "",
         ]
     return "\n".join(rows) + "\n"
+
+
+def write_outputs(payload: dict, results: dict, default_runs: list[dict], out: Path):
+    """memory.md and memory.json from the raw runs (also used by ``--render``)."""
+    meta = payload["meta"]
+    seqs, cases = meta["seqs"], meta["cases"]
+    summary = summarize(results, seqs, cases)
+    bars = check_bars(summary)
+    notes = analysis(results, summary, meta["steps"]) + "\n" + METHOD
+    if default_runs:
+        notes += "\n" + allocator_table(default_runs, results, seqs[0])
+    write_markdown(out / "memory.md", summary, bars, meta, notes)
+    payload = dict(payload, bars=bars, summary={str(k): v for k, v in summary.items()})
+    order = ("meta", "bars", "summary", "runs", "runs_glibc_default_malloc")
+    (out / "memory.json").write_text(json.dumps({k: payload[k] for k in order}, indent=1) + "\n")
+    return summary, bars
+
+
+def render(path: Path, out: Path) -> int:
+    payload = json.loads(path.read_text())
+    payload["meta"].setdefault("seqs", sorted({r["seq"] for r in payload["runs"]}))
+    payload["meta"].setdefault("cases", [c for c in CASES if any(r["case"] == c for r in payload["runs"])])
+    results = {(r["case"], r["seq"]): r for r in payload["runs"]}
+    default_runs = [{(r["case"], r["seq"]): r for r in run} for run in payload.get("runs_glibc_default_malloc", [])]
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(payload, results, default_runs, out)
+    return 0
 
 
 def _source() -> str:
@@ -749,6 +784,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-allocator-check", action="store_true",
                     help="skip the AdamW / AdaLomo (fused) rerun with glibc's default malloc")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--render", metavar="JSON", help="rewrite memory.md in --out from a memory.json, no runs")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (optimizer state is created at the first step)")
@@ -757,18 +793,16 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.case, args.seq, args.steps)))
         return 0
 
+    if args.render:
+        return render(Path(args.render), Path(args.out))
+
     from importlib.metadata import version
 
     results = run_all(args.cases, args.seqs, args.steps, args.allocator)
-    summary = summarize(results, args.seqs, args.cases)
-    bars = check_bars(summary)
-    notes = analysis(results, summary, args.steps) + "\n" + METHOD
     default_runs = []
     if args.allocator == "fixed" and not args.no_allocator_check:
-        seq = args.seqs[0]
         cases = [c for c in ("adamw", "adalomo_fused") if c in args.cases] + ["adalomo_fused_tied"]
-        default_runs = [run_all(cases, [seq], args.steps, "default", probes=False) for _ in range(2)]
-        notes += "\n" + allocator_table(default_runs, results, seq)
+        default_runs = [run_all(cases, args.seqs[:1], args.steps, "default", probes=False) for _ in range(2)]
     given = sys.argv[1:] if argv is None else list(argv)
     meta = dict(
         source=_source(),
@@ -778,14 +812,14 @@ def main(argv=None) -> int:
         threads=os.environ.get("OMP_NUM_THREADS", "1"),
         malloc=" ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV[args.allocator].items()) or "defaults",
     )
+    meta.update(seqs=args.seqs, cases=args.cases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_markdown(out / "memory.md", summary, bars, meta, notes)
     payload = dict(
-        meta=meta, bars=bars, summary={str(k): v for k, v in summary.items()},
-        runs=list(results.values()), runs_glibc_default_malloc=[list(r.values()) for r in default_runs],
+        meta=meta, runs=list(results.values()),
+        runs_glibc_default_malloc=[list(r.values()) for r in default_runs],
     )
-    (out / "memory.json").write_text(json.dumps(payload, indent=1) + "\n")
+    summary, bars = write_outputs(payload, results, default_runs, out)
     for seq, s in summary.items():
         print(f"seq {seq}: floor {s['floor']['floor'] / MB:.1f} MB")
     if bars:
