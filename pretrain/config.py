@@ -30,6 +30,9 @@ class ModelSection(_Section):
     preset: str = "demo"
     # Any field of pretrain.models.GPTConfig / BertConfig, e.g. {num_layers: 4, hidden_dropout: 0.0}.
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # Start from these weights (a checkpoint of any engine, or a local HF GPT-2 directory) with a
+    # fresh optimizer; ignored when resuming from this run's own checkpoint.
+    init_from: str | None = None
 
 
 class DataSection(_Section):
@@ -193,7 +196,10 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            # A run's own config.json is read as JSON: YAML 1.1 would read 1e-05 as a string.
+            tree = (json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())) or {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON at line {e.lineno}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -224,6 +230,8 @@ def _check_files(cfg: RunConfig) -> None:
             pass
         if not Path(item + ".idx").is_file() or not Path(item + ".bin").is_file():
             raise ConfigError(f"config key 'data.blend': no Megatron dataset at prefix {item!r} ({item}.bin/.idx)")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"config key 'model.init_from': not found: {cfg.model.init_from}")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume': checkpoint not found: {cfg.checkpoint.resume}")
 

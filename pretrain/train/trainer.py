@@ -81,12 +81,14 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
     train_ds, valid_ds, _ = task.build_datasets(cfg, tokenizer, seq_length, num_samples)
 
     model = build_model(model_cfg, seed=cfg.train.seed).to(device)
+    resume_from = resolve_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    if cfg.model.init_from and resume_from is None:
+        _init_weights(model, cfg.model.init_from, model_cfg)  # before the engine shards parameters
     if cfg.train.precision == "bf16":
         model = model.to(torch.bfloat16)
     engine = build_engine(model, cfg, kind)
 
     step, consumed, tokens_seen, nonfinite_total = 0, 0, 0, 0
-    resume_from = resolve_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
     if resume_from is not None:
         state = load_checkpoint(resume_from, engine)
         step, consumed = state["step"], state["consumed_samples"]
@@ -187,6 +189,15 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
         peak_memory_bytes=peak_memory_bytes(), nonfinite_skipped_steps=nonfinite_total,
         engine=kind, world_size=world, output_dir=str(out),
     )
+
+
+def _init_weights(model, source: str, model_cfg) -> None:
+    from pretrain.export.hf import initial_weights
+
+    missing, unexpected = model.load_state_dict(initial_weights(source, model_cfg), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"model.init_from={source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _step_of(path: Path) -> int:
