@@ -348,7 +348,7 @@ class Adapprox(MemoptOptimizer):
         beta2 = group["betas"][1]
 
         # The one m x n buffer of the step: G*G for the sketch, then V and the residual, then
-        # Vhat and Uhat, one row block at a time.
+        # Vhat and Uhat.
         buf = torch.mul(g, g)
         g2_sum = buf.sum()
         if not is_finite(g2_sum):
@@ -358,8 +358,9 @@ class Adapprox(MemoptOptimizer):
         g2_mean = float(g2_sum) / buf.numel() or 1.0
 
         # -- S-RSI: Q, U of V_t = beta2 * Q_prev U_prev^T + (1 - beta2) * G*G -------------
-        q_prev = state["Q"].view(B, m, -1)
-        u_prev = state["U"].view(B, n, -1)
+        k_prev = state["Q"].shape[-1]  # 0 before the first step
+        q_prev = state["Q"].view(B, m, k_prev)
+        u_prev = state["U"].view(B, n, k_prev)
         k_min, k_max = self._rank_limits(p, group)
         # Clamp: a loaded state or a changed group may carry a rank outside today's limits.
         k = max(k_min, min(state["rank"], k_max))
@@ -367,7 +368,7 @@ class Adapprox(MemoptOptimizer):
         apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
         gen = torch.Generator(device=p.device)
         gen.manual_seed(sketch_seed(group["seed"], step, state["sketch_index"]))
-        if group["warm_start"] and q_prev.shape[-1] > 0:
+        if group["warm_start"] and k_prev > 0:
             # Last step's basis (its leading r columns if the rank fell below it with no
             # oversampling) plus fresh Gaussian directions, orthonormalized by a thin QR.
             keep = q_prev[..., :r]
