@@ -73,7 +73,7 @@ class Stub:
                     train_curve=val, tokens_per_s=1000.0 if key != "sgd" else 1500.0,
                     peak_memory_bytes=(500 + 10 * len(key)) * 2 ** 20, optimizer_state_bytes={"adamw": 8, "sgd": 0, "adafactor": 1}[key] * 2 ** 20,
                     param_bytes=4 * 2 ** 20, wall_s=2.0, train_wall_s=1.5,
-                    zeroshot={"heldout_cloze": {"acc": 0.2, "perplexity": 800.0}} if spec["zeroshot"] else None)
+                    zeroshot={"heldout_cloze": {"acc": 0.2, "perplexity": 800.0}} if spec["run_zeroshot"] else None)
 
 
 def test_study_with_stubbed_runs_writes_report_plots_and_json(tmp_path):
@@ -115,6 +115,26 @@ def test_study_with_stubbed_runs_writes_report_plots_and_json(tmp_path):
     assert "diverged" in report
     assert (out / "raw/gpt").is_dir() and any((out / "raw/gpt").rglob("metrics.jsonl"))
     assert "predicted" in report  # the budget arithmetic
+
+
+def test_a_finished_run_is_reused_not_retrained(tmp_path):
+    from pretrain.study.catalog import CATALOG
+    from pretrain.study.study import StudyPlan, TaskPlan, subprocess_run, train_spec
+
+    tp = TaskPlan("gpt", str(tmp_path / "missing.yaml"), 1024, 1024)  # a real run would fail at once
+    plan = StudyPlan([tp], [CATALOG["adamw"]], work_dir=str(tmp_path / "runs"))
+    from unittest import mock
+
+    with mock.patch("pretrain.study.study.tokens_per_step", return_value=(4, 64, 256)):
+        spec = train_spec(plan, tp, CATALOG["adamw"], 1e-3, 1234, "sweep", 1024, False, True)
+    out = Path(spec["output_dir"])
+    out.mkdir(parents=True)
+    # the worker's result holds the spec plus what it measured (its zero-shot summary included)
+    (out / "result.json").write_text(json.dumps(dict(spec, final_val_loss=3.5, failed=False, zeroshot={"t": {"acc": 1.0}})))
+    r = subprocess_run(spec)
+    assert r["final_val_loss"] == 3.5 and not r["failed"]
+    changed = dict(spec, lr=2e-3)  # another spec in the same directory is run again (and fails here: no config)
+    assert subprocess_run(changed)["failed"]
 
 
 def test_noise_and_paper_verdicts():

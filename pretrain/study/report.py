@@ -171,7 +171,7 @@ def _f(x, fmt="{:.3f}", none="-"):
 
 
 def _mb(x):
-    return _f(x / MB if _finite(x) else None, "{:.1f}")
+    return _f(x / MB if _finite(x) else None, "{:.2f}")
 
 
 def _zs_columns(rows: dict) -> list[tuple[str, str]]:
@@ -331,13 +331,22 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
 
 def timing_section(timing: dict) -> list[str]:
     L = ["### Budget arithmetic", "",
-         "Predicted training time = tokens to train / measured tokens/s, per optimizer (plus evaluation "
-         "and process start-up, measured separately).", "",
-         "| task | optimizer | tokens/s | runs | tokens | predicted min | actual min |", "|---|---|---|---|---|---|---|"]
+         "Predicted training time = tokens to train / tokens/s, per optimizer. *wall tokens/s*: measured "
+         "(median over logged steps; on a shared machine this mostly measures the other jobs' load); "
+         "*idle tokens/s*: tokens per CPU-second of the run x torch threads, what an otherwise idle machine "
+         "gives at perfect thread scaling (optimistic). Actual: wall time of the runs incl. process start-up, "
+         "validation and zero-shot evaluation.", "",
+         "| task | optimizer | runs | tokens | wall tokens/s | predicted min | idle tokens/s | predicted idle min | actual min |",
+         "|---|---|---|---|---|---|---|---|---|"]
+
+    def m(x):
+        return _f(x / 60 if _finite(x) else None, "{:.1f}")
+
     for row in timing["rows"]:
-        L.append(f"| {row['task']} | {row['label']} | {_f(row['tokens_per_s'], '{:.0f}')} | {row['runs']} | {row['tokens']:,} | "
-                 f"{_f(row['predicted_s'] / 60 if _finite(row['predicted_s']) else None, '{:.1f}')} | "
-                 f"{_f(row['actual_s'] / 60 if _finite(row.get('actual_s')) else None, '{:.1f}')} |")
-    L += ["", f"Total: predicted {timing['predicted_total_s'] / 60:.1f} min of training, actual "
-          f"{timing['actual_total_s'] / 60:.1f} min wall for all runs (incl. evaluation, zero-shot and start-up).", ""]
+        L.append(f"| {row['task']} | {row['label']} | {row['runs']} | {row['tokens']:,} | {_f(row['tokens_per_s'], '{:.0f}')} | "
+                 f"{m(row['predicted_s'])} | {_f(row.get('idle_tokens_per_s'), '{:.0f}')} | {m(row.get('predicted_idle_s'))} | "
+                 f"{m(row.get('actual_s'))} |")
+    L += ["", f"Total: predicted {timing['predicted_total_s'] / 60:.1f} min of training at the measured wall speed "
+          f"({timing.get('predicted_idle_total_s', 0) / 60:.1f} min idle); actual {timing['actual_total_s'] / 60:.1f} min "
+          "wall for the whole study.", ""]
     return L

@@ -42,7 +42,7 @@ class StudyPlan:
     lrs_per_optimizer: int = 3
     lr_span_decades: float = 1.0
     seeds: tuple[int, ...] = (1234, 1235)
-    evals_per_run: int = 8
+    evals_per_run: int = 6
     zeroshot_limit: int | None = None
     work_dir: str = "runs/optimizer_study"
 
@@ -83,7 +83,7 @@ def train_spec(plan: StudyPlan, tp: TaskPlan, entry: Entry, lr: float, seed: int
     return dict(kind="train", name=name, task=tp.task, config=tp.config, overrides=overrides, output_dir=str(out),
                 key=entry.key, label=entry.label, optimizer=entry.optimizer, hparams=entry.hparams, lr=lr,
                 seed=seed, phase=phase, tokens_budget=tokens, steps=steps, tokens_per_step=per_step,
-                zeroshot=zeroshot, zeroshot_limit=plan.zeroshot_limit, keep_checkpoint=keep_checkpoint)
+                run_zeroshot=zeroshot, zeroshot_limit=plan.zeroshot_limit, keep_checkpoint=keep_checkpoint)
 
 
 def subprocess_run(spec: dict) -> dict:
@@ -101,13 +101,17 @@ def subprocess_run(spec: dict) -> dict:
     spec_path = out / ("spec.json" if spec["kind"] == "train" else "eval_spec.json")
     spec_path.write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
     with open(out / f"{spec['kind']}.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "pretrain.study.worker", str(spec_path)], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not done.is_file():
         return dict(spec, failed=True, error=f"worker exited {proc.returncode}; see {out / (spec['kind'] + '.log')}",
-                    final_val_loss=None)
-    return json.loads(done.read_text())
+                    final_val_loss=None, process_wall_s=time.perf_counter() - t0)
+    result = json.loads(done.read_text())
+    result["process_wall_s"] = time.perf_counter() - t0  # incl. interpreter start-up and imports
+    done.write_text(json.dumps(result, indent=1, default=str))
+    return result
 
 
 def inprocess_run(spec: dict) -> dict:
@@ -174,7 +178,8 @@ def run_study(plan: StudyPlan, run_fn: Callable[[dict], dict] = subprocess_run, 
                     best = dict(next(r for r in sweep if r["lr"] == lr))
                     if tp.zeroshot:
                         z = run_fn(eval_spec(best, plan.zeroshot_limit))
-                        best["zeroshot"], best["zeroshot_wall_s"] = z.get("zeroshot"), z.get("zeroshot_wall_s")
+                        best["zeroshot"] = z.get("zeroshot")
+                        best["zeroshot_wall_s"] = z.get("process_wall_s") or z.get("zeroshot_wall_s")
                     best["reused_from_sweep"] = True
                     task_out["final"].append(best)
                     continue

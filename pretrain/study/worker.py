@@ -95,6 +95,12 @@ def curves(rows: list[dict]) -> dict:
     )
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run(spec: dict) -> dict:
     from pretrain.config import load_run_config
     from pretrain.train import trainer
@@ -102,12 +108,19 @@ def run(spec: dict) -> dict:
 
     cfg = load_run_config(spec["config"], list(spec["overrides"]))
     out = Path(cfg.output_dir)
-    captured = {}
+    captured, stamps = {}, []
     original = trainer.build_engine
 
     def build_engine(model, cfg_, kind):  # keep the engine, to read the optimizer state at the end
         _PARAM_NAMES.update({id(p): n for n, p in model.named_parameters()})
         captured["engine"] = engine = original(model, cfg_, kind)
+        step = engine.step
+
+        def timed_step():  # wall and process CPU time after every optimizer step
+            step()
+            stamps.append((time.perf_counter(), time.process_time()))
+
+        engine.step = timed_step
         return engine
 
     trainer.build_engine = build_engine
@@ -128,10 +141,19 @@ def run(spec: dict) -> dict:
         result["param_count"] = sum(p.numel() for p in engine.module.parameters())
         result["param_bytes"] = sum(p.numel() * p.element_size() for p in engine.module.parameters())
     result.update(curves(read_metrics(out)))
+    if len(stamps) > 1:
+        # Steps 2..N (validation passes in between included). CPU time is the load-independent
+        # cost: on a machine shared with other jobs wall-clock tokens/s mostly measures the load.
+        n = len(stamps) - 1
+        per_step = spec.get("tokens_per_step") or 0
+        result["wall_per_step_s"] = (stamps[-1][0] - stamps[0][0]) / n
+        result["cpu_per_step_s"] = (stamps[-1][1] - stamps[0][1]) / n
+        result["tokens_per_cpu_s"] = per_step / result["cpu_per_step_s"] if result["cpu_per_step_s"] > 0 else None
+        result["torch_threads"] = torch_threads()
     if result["failed"]:
         result["final_val_loss"] = None
     result["zeroshot"] = None
-    if spec.get("zeroshot") and not result["failed"]:
+    if spec.get("run_zeroshot") and not result["failed"]:
         t1 = time.perf_counter()
         result["zeroshot"] = zeroshot(cfg.checkpoint_dir, spec.get("zeroshot_limit"))
         result["zeroshot_wall_s"] = time.perf_counter() - t1
