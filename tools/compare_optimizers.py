@@ -37,7 +37,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Sized for about an hour on the 2-core development machine when it is not shared; see
 # docs/results/README.md for the measured tokens/s and the arithmetic.
 DEFAULT_BUDGET_TOKENS = 24_576  # 24 steps of 8 x 128 tokens (demo GPT)
-DEFAULT_BERT_BUDGET_TOKENS = 16_384  # 64 steps of 4 x 64 tokens (tiny BERT)
+DEFAULT_BERT_BUDGET_TOKENS = 8_192  # 32 steps of 4 x 64 tokens (tiny BERT)
 
 
 def parse_args(argv=None):
