@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Elements per row block: large enough that per-block Python overhead is small, small enough
-# that a block of G and its square stay in L2/L3 cache between the operations on them.
-# (2 MiB of fp32: measured on GPT-2 124M shapes on the 2-core CI machine, 256K-1M elements
-# perform alike; 16K elements is 50x slower from per-block overhead.)
-BLOCK_ELEMS = 1 << 19
+# Elements per row block: large enough that per-block overhead is small (every op is a parallel
+# region whose thread synchronisation costs a scheduler quantum when the cores are shared: 512K
+# blocks measured 8x slower than 2M blocks on the 2-core CI machine under load), small enough
+# that a block of G and its square stay in the (large, shared L3) cache between operations.
+BLOCK_ELEMS = 1 << 21
 
 
 def row_slices(m: int, n: int, block_elems: int | None = None):

@@ -13,9 +13,9 @@ from .factored import row_slices
 from .fused import FusedBackwardOptimizer
 
 
-# 16 MiB blocks: a block checked by the dot product is still in the (large, shared) L3 cache
+# 32 MiB blocks: a block checked by the dot product is still in the (large, shared) L3 cache
 # when the update reads it; smaller blocks pay a thread-pool synchronisation per op.
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS = 1 << 23
 
 
 class Lomo(FusedBackwardOptimizer):
