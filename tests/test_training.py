@@ -140,7 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("engine, optimizer", [("ddp", "adafactor"), ("fsdp2", "adamw")])
+@pytest.mark.parametrize("engine, optimizer", [("ddp", "adafactor"), ("fsdp2", "adalomo"), ("fsdp2", "adamw")])
 def test_multiprocess_engines_train_and_resume_at_another_world_size(tmp_path, engine, optimizer):
     from pretrain.train.tasks import GPT
     from pretrain.train.trainer import train
@@ -149,10 +149,12 @@ def test_multiprocess_engines_train_and_resume_at_another_world_size(tmp_path, e
     losses = _losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    # Resume the 2-process run in one process (the data position is counted in global samples).
-    if engine == "ddp":
-        summary = train(_cfg(tmp_path, "train.steps=6", f"optimizer.name={optimizer}", "engine.kind=single"), GPT)
-        assert summary["steps"] == 6
+    # Resume the 2-process run in one process (the data position is counted in global samples;
+    # FSDP2 checkpoints are resharded on load).
+    kind = "single" if engine == "ddp" else "fsdp2"
+    summary = train(_cfg(tmp_path, "train.steps=6", f"optimizer.name={optimizer}", f"engine.kind={kind}"), GPT)
+    assert summary["steps"] == 6
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_bert_pretraining_runs_and_resumes(tmp_path):
@@ -197,3 +199,28 @@ def test_init_from_starts_from_other_weights_with_a_fresh_optimizer(tmp_path):
     # (the source's loss fell by ~0.1 per step over its 3 steps).
     assert _losses(src)[3] < _losses(src)[1] - 0.05
     assert a["first_loss"] < b["first_loss"] - 0.1
+
+
+def test_deepspeed_zero2_adalomo_trains_and_resumes(tmp_path):
+    """The quickstart's path: `deepspeed` launcher, 2 CPU processes, ZeRO-2, AdaLomo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    deepspeed_bin = str(Path(PY).parent / "deepspeed")
+    if not Path(deepspeed_bin).exists():
+        pytest.skip("the deepspeed launcher is not installed in this environment")
+
+    def run(steps):
+        cmd = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "launch/pretrain_gpt.py"),
+               "--config", str(ROOT / "configs/quickstart.yaml"), f"output_dir={tmp_path}", "model.preset=tiny",
+               f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}", "train.progress_bar=false",
+               "train.eval_every=0", "train.log_every=1", f"train.steps={steps}", "checkpoint.every=2"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    run(2)
+    run(4)  # resume=auto from step 2 at the same world size
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss" in r for r in rows)
+    assert losses[4] < losses[1]  # AdaLomo at the quickstart's lr makes progress in 4 steps

@@ -156,8 +156,8 @@ class FSDP2Engine(Engine):
         for layer in _transformer_layers(model):
             fully_shard(layer)
         fully_shard(model)
-        if self.cfg.optimizer.name in FUSED_BACKWARD and self.cfg.optimizer.fused_backward == "auto":
-            self.cfg.optimizer.fused_backward = "off"
+        # Fused backward works as is under FSDP2: the post-accumulate-grad hooks fire on the
+        # sharded parameters after the reduce-scatter (memopt.sharding keeps the update exact).
         return model
 
     def save(self, path: Path) -> None:
@@ -165,18 +165,36 @@ class FSDP2Engine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
+        if isinstance(self.optimizer, memopt.MemoptOptimizer):
+            # memopt keeps row factors for local rows only (plain tensors DCP would take for
+            # replicated): save its state by parameter name at full shapes instead.
+            from memopt.sharding import full_state_dict
+
+            full = full_state_dict(self.optimizer, self.model)  # a collective: every rank calls it
+            if dist_rank() == 0:
+                torch.save(full, path / "optimizer_full.pt")
+            dcp.save({"model": model_sd}, checkpoint_id=str(path / "dcp"))
+        else:
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
         if dist_rank() == 0:
             torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if isinstance(self.optimizer, memopt.MemoptOptimizer):
+            from memopt.sharding import load_full_state_dict
+
+            state = {"model": model_sd}
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_model_state_dict(self.model, state["model"])
+            load_full_state_dict(self.optimizer, _load(path / "optimizer_full.pt"), self.model)
+        else:
+            state = {"model": model_sd, "optimizer": optim_sd}
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
 
 
