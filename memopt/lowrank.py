@@ -127,9 +127,11 @@ def residual_norms_(
     That is right at the thresholds in use (xi = 1e-3, 5e-4), so the rank decision would be
     noise. The residual is accurate down to ~1e-6 for two rank-k GEMMs and two norms.
     """
-    V = S.mul_((1.0 - beta2) / scale)
     if Q_prev.shape[-1] > 0 and beta2 != 0.0:
-        V.baddbmm_(Q_prev, U_prev.mT, alpha=beta2 / scale)
+        # One pass: S * (1 - beta2)/scale + Q_prev U_prev^T * beta2/scale.
+        V = S.baddbmm_(Q_prev, U_prev.mT, beta=(1.0 - beta2) / scale, alpha=beta2 / scale)
+    else:
+        V = S.mul_((1.0 - beta2) / scale)
     v_norm = torch.linalg.vector_norm(V, dim=(-2, -1))
     R = V.baddbmm_(Q, U.mT, alpha=-1.0 / scale)
     return v_norm, torch.linalg.vector_norm(R, dim=(-2, -1))
