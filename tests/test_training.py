@@ -184,6 +184,10 @@ def test_fused_backward_with_gradient_accumulation_falls_back_or_fails_clearly(t
     assert use_fused_backward(_cfg(tmp_path, "optimizer.name=adafactor")) is False
     with pytest.raises(ValueError, match="grad_accum_steps > 1"):
         use_fused_backward(_cfg(tmp_path, "optimizer.name=lomo", "optimizer.fused_backward=on", "train.grad_accum_steps=2"))
+    # Engines without fused backward (DDP, DeepSpeed): auto falls back, on is a clear error.
+    assert use_fused_backward(_cfg(tmp_path, "optimizer.name=adalomo"), False, "ddp") is False
+    with pytest.raises(ValueError, match="not supported with engine.kind=ddp"):
+        use_fused_backward(_cfg(tmp_path, "optimizer.name=adalomo", "optimizer.fused_backward=on"), False, "ddp")
 
 
 def test_init_from_starts_from_other_weights_with_a_fresh_optimizer(tmp_path):

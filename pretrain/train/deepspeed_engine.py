@@ -15,7 +15,7 @@ import torch
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
-from .engines import dist_world, optimizer_kwargs
+from .engines import dist_world, optimizer_kwargs, use_fused_backward
 from .schedule import build_scheduler
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
@@ -71,9 +71,9 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         self.module = model
-        self.fused = False  # ordinary steps; see docs/sharding.md for fused backward under ZeRO-3
-        if cfg.optimizer.fused_backward == "on":
-            raise ValueError("optimizer.fused_backward=on is not supported with engine.kind=deepspeed; use auto or off")
+        # Ordinary steps on ZeRO's partitions (exact through memopt.integrations.deepspeed); there is
+        # no public per-parameter callback after ZeRO's reduce-scatter (docs/sharding.md).
+        self.fused = use_fused_backward(cfg, False, self.name)
         ds_config = deepspeed_config(cfg)
         optimizer = memopt.create_optimizer(cfg.optimizer.name, model.parameters(), **optimizer_kwargs(cfg))
 

@@ -48,13 +48,22 @@ def optimizer_kwargs(cfg) -> dict:
     return kw
 
 
-def use_fused_backward(cfg) -> bool:
-    """Fused backward is the default for lomo/adalomo; with gradient accumulation it falls back to
-    ordinary steps (documented), unless the user forced it on, which is an error."""
+def use_fused_backward(cfg, engine_supports_it: bool = True, engine_name: str = "single") -> bool:
+    """Fused backward is the default for lomo/adalomo where the engine supports it; with gradient
+    accumulation it falls back to ordinary steps (documented), unless the user forced it on,
+    which is an error (as is forcing it on an engine without it)."""
     if cfg.optimizer.name not in FUSED_BACKWARD or cfg.optimizer.fused_backward == "off":
         return False
+    forced = cfg.optimizer.fused_backward == "on"
+    if not engine_supports_it:
+        if forced:
+            raise ValueError(
+                f"optimizer.fused_backward=on is not supported with engine.kind={engine_name}; use auto or off "
+                "(the optimizer then runs ordinary steps, with the same update)"
+            )
+        return False
     if cfg.train.grad_accum_steps > 1:
-        if cfg.optimizer.fused_backward == "on":
+        if forced:
             raise ValueError(
                 "optimizer.fused_backward=on cannot be combined with train.grad_accum_steps > 1: the fused "
                 "update runs inside every micro-batch's backward; set fused_backward=auto to fall back to "
@@ -68,12 +77,14 @@ class Engine:
     """Single process; also the base of DDP and FSDP2 (they differ in wrapping and checkpoints)."""
 
     name = "single"
+    # Whether parameters may be updated inside backward under this engine.
+    supports_fused_backward = True
 
     def __init__(self, model: torch.nn.Module, cfg):
         self.cfg = cfg
         self.module = model  # the unwrapped model (for export and evaluation)
+        self.fused = use_fused_backward(cfg, self.supports_fused_backward, self.name)
         self.model = self.wrap(model)
-        self.fused = use_fused_backward(cfg)
         self.optimizer = memopt.create_optimizer(cfg.optimizer.name, self.model.parameters(), **optimizer_kwargs(cfg))
         self.scheduler = build_scheduler(
             self.optimizer, cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio
@@ -133,16 +144,14 @@ def _load(path: Path):
 
 class DDPEngine(Engine):
     name = "ddp"
+    # A fused update must see the averaged gradient, which DDP only has in its bucket buffers
+    # after the all-reduce (memopt.integrations.ddp has a comm-hook route, but those buffers
+    # exist anyway, so it saves no memory): ordinary steps here.
+    supports_fused_backward = False
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.cfg.optimizer.name in FUSED_BACKWARD and self.cfg.train.grad_accum_steps == 1:
-            # The fused update must see the averaged gradient, which DDP only has after its
-            # all-reduce: ordinary steps until the DDP comm hook route lands.
-            self.cfg.optimizer.fused_backward = "off" if self.cfg.optimizer.fused_backward == "auto" else "on"
-            if self.cfg.optimizer.fused_backward == "on":
-                raise ValueError("optimizer.fused_backward=on is not supported under DDP yet; use auto or off")
         return DistributedDataParallel(model)
 
 
