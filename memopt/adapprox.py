@@ -119,8 +119,8 @@ class Adapprox(MemoptOptimizer):
             product dips to <= 0 while G != 0, Uhat = G/eps is ~1e5 times too large, the RMS
             clip then shrinks every other entry, and training stalls: on a 1024 x 256 -> 128
             least-squares problem "zero" stays at loss 1.13 (from 1.33) after 200 steps where
-            "grad" and AdamW reach 7.5e-5 (docs/adapprox.md). At rank 1 the two agree (a rank-1
-            approximation of a nonnegative matrix is nonnegative).
+            "grad" and AdamW reach 7.5e-5 (docs/adapprox.md). At rank 1 "zero" works too: the
+            best rank-1 approximation of a nonnegative matrix is nonnegative.
         seed: global seed of the random sketches. The sketch of parameter i (its position in
             the flattened param_groups) at its step t is drawn from a private
             torch.Generator seeded with ``sketch_seed(seed, t, i)``: reproducible, identical on
