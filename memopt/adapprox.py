@@ -212,26 +212,11 @@ class Adapprox(MemoptOptimizer):
         self._index_of = None
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader, then two fixes.
-
-        torch casts every floating state tensor to its parameter's dtype, which would turn the
-        fp32 state of a bf16 parameter into bf16 (losing precision for good): such tensors are
-        copied again, as fp32, from ``state_dict``. The caches of parameter positions and
-        groups are rebuilt, since the loader replaces the group dicts (a saved state carries
-        its own ``sketch_index``).
-        """
+        """The base loader (fp32 state kept for low-precision parameters, group caches rebuilt),
+        then the cache of parameter positions is rebuilt too (a saved state carries its own
+        ``sketch_index``)."""
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None or p.dtype == torch.float32:
-                continue
-            for key, value in saved.items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
         self._index_of = None
-        self._group_of = None
 
     def _sketch_index(self, p: torch.Tensor) -> int:
         """The index in the sketch seed of a new state: p's position in the flattened param_groups.

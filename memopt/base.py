@@ -110,6 +110,24 @@ class MemoptOptimizer(Optimizer):
         self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
         self._group_of = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_shapes = [self._group_shapes.get(id(g)) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype on load; memopt keeps its state in
+        # fp32 for bf16/fp16 parameters (a bf16 cast would lose precision for good on resume).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None or p.dtype == torch.float32:
+                continue
+            for key, value in saved.items():
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        # The loader replaces the group dicts: caches keyed by group must follow them.
+        self._group_shapes = {id(g): s for g, s in zip(self.param_groups, old_shapes) if s is not None}
+        self._group_of = None
+
     def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]], group: dict | None = None) -> None:
         """Declare that ``flat`` (a 1-D tensor in ``param_groups``) holds pieces of logical parameters.
 

@@ -183,3 +183,23 @@ def test_state_is_kept_per_shape_as_promised():
         for s in SHAPES
     )
     assert opt.state_bytes() == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_keeps_fp32_state_for_bf16_params_and_current_hyperparameters(name):
+    params = clone_params(make_params(0, dtype=torch.bfloat16))
+    opt = create_optimizer(name, params, **HPARAMS[name])
+    run_steps(opt, params, [[g.bfloat16() for g in step] for step in make_grads(2, 5)])
+    saved = _roundtrip(opt.state_dict())
+    fresh = create_optimizer(name, params, **HPARAMS[name])
+    fresh.load_state_dict(saved)
+    for state in fresh.state.values():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.is_floating_point() and key != "step":
+                assert v.dtype == torch.float32, key
+    # update_param without an explicit group uses the loaded group's hyperparameters
+    fresh.param_groups[0]["lr"] = 0.0
+    before = params[1].detach().clone()
+    fresh.update_param(params[1], make_grads(1, 8)[0][1].bfloat16())
+    if name != "adafactor":  # Adafactor's default relative step ignores lr
+        assert torch.equal(params[1], before)
