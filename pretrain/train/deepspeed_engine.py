@@ -15,7 +15,7 @@ import torch
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
-from .engines import dist_world, optimizer_kwargs, use_fused_backward
+from .engines import optimizer_kwargs, use_fused_backward
 from .schedule import build_scheduler
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
@@ -24,7 +24,6 @@ _TAG = "deepspeed"
 
 def deepspeed_config(cfg) -> dict:
     """The DeepSpeed JSON for this run (from the user's file when given)."""
-    world = dist_world()
     if cfg.engine.deepspeed_config:
         ds = json.loads(Path(cfg.engine.deepspeed_config).read_text())
         mbs = ds.get("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size)
@@ -53,7 +52,6 @@ def deepspeed_config(cfg) -> dict:
     ds["zero_allow_untested_optimizer"] = True
     ds.pop("optimizer", None)  # the optimizer comes from optimizer.* in the run config
     ds.pop("scheduler", None)
-    del world
     return ds
 
 
