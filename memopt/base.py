@@ -72,6 +72,8 @@ class MemoptOptimizer(Optimizer):
         self._group_shapes: dict[int, list] = {}
         self._fragments: dict[torch.Tensor, list] = {}
         self._fragment_group: dict[torch.Tensor, dict] = {}
+        self._fragment_index: dict[str, int] = {}
+        self._index_of: dict[torch.Tensor, int] | None = None
         self._suspended = False  # True while an engine runs its initialization steps
         super().__init__(params, defaults)
         self._group_of: dict[torch.Tensor, dict] | None = None
@@ -109,6 +111,7 @@ class MemoptOptimizer(Optimizer):
         group = self.param_groups[-1]
         self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
         self._group_of = None
+        self._index_of = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         old_shapes = [self._group_shapes.get(id(g)) for g in self.param_groups]
@@ -127,6 +130,7 @@ class MemoptOptimizer(Optimizer):
         # The loader replaces the group dicts: caches keyed by group must follow them.
         self._group_shapes = {id(g): s for g, s in zip(self.param_groups, old_shapes) if s is not None}
         self._group_of = None
+        self._index_of = None
 
     def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]], group: dict | None = None) -> None:
         """Declare that ``flat`` (a 1-D tensor in ``param_groups``) holds pieces of logical parameters.
@@ -137,6 +141,8 @@ class MemoptOptimizer(Optimizer):
         ``memopt.integrations.deepspeed`` for ZeRO's flat fp32 partitions.
         """
         self._fragments[flat] = list(fragments)
+        for name, _off, _layout in fragments:
+            self._fragment_index.setdefault(name, len(self._fragment_index))
         self._fragment_group[flat] = group if group is not None else self.param_groups[0]
         self._group_of = None
 
@@ -164,6 +170,35 @@ class MemoptOptimizer(Optimizer):
             )
         return False
 
+    def _new_state(self, key, local, layout: Layout | None, state: dict, group: dict, device) -> None:
+        """Create the (empty) ``state`` of one logical parameter: the one place that does it.
+
+        ``key`` is what the state belongs to: the parameter itself, or its name for a fragment
+        of a bound flat partition. ``layout`` None or whole: ``local`` is the full tensor.
+        """
+        state["step"] = 0
+        state["nonfinite_skips"] = 0
+        if layout is not None and layout.sharded:
+            self._init_sharded_state(layout, state, group, device)
+        else:
+            self._init_state(local, state, group)
+        self._state_created(key, state)
+
+    def _state_created(self, key, state: dict) -> None:
+        """Hook after a new state is created (Adapprox records the parameter's position)."""
+
+    def logical_index(self, key) -> int | None:
+        """Position of a logical parameter (a parameter, or a bound fragment's name) in the
+        flattened parameter list of the single-process optimizer; None when unknown.
+
+        Bound fragments are numbered in binding order, which follows DeepSpeed's parameter
+        order, i.e. the order of the parameters the optimizer was created with."""
+        if isinstance(key, str):
+            return self._fragment_index.get(key)
+        if self._index_of is None:
+            self._index_of = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return self._index_of.get(key)
+
     # -- sharded parameters ---------------------------------------------------------------
     def _is_sharded(self, p: torch.Tensor) -> bool:
         return p in self._fragments or _is_dtensor(p)
@@ -190,12 +225,7 @@ class MemoptOptimizer(Optimizer):
 
     def _make_unit(self, key, local, glocal, layout, state, group) -> Unit:
         if not state:
-            state["step"] = 0
-            state["nonfinite_skips"] = 0
-            if layout.sharded:
-                self._init_sharded_state(layout, state, group, local.device)
-            else:
-                self._init_state(local, state, group)
+            self._new_state(key, local, layout, state, group, local.device)
         flat = local.detach().reshape(-1)
         work = flat if flat.dtype == torch.float32 else flat.float()
         g = glocal.reshape(-1)
@@ -281,9 +311,7 @@ class MemoptOptimizer(Optimizer):
             return sum(u.state["nonfinite_skips"] for u in units) == skips
         state = self.state[p]
         if not state:
-            state["step"] = 0
-            state["nonfinite_skips"] = 0
-            self._init_state(p, state, group)
+            self._new_state(p, p, None, state, group, p.device)
         return self._apply_local(p, grad, state, group, p.shape)
 
     def _apply_local(self, p, grad, state, group, shape, target=None) -> bool:

@@ -10,21 +10,23 @@ and S-RSI compresses it back to rank k. Everything here works on *stacks* of mat
 (B = 1 for a plain matrix).
 
 V is never formed here: the sketch only needs the products V X and V^T Y, applied through the
-pieces. Both are sums of contributions, which is what a later sharded version needs:
+pieces. Both are sums of contributions, which is what the sharded step uses
+(``Adapprox._sharded_update``):
 
 * (V X)_i   = beta2 * Q_i (U^T X) + (1 - beta2) * sum_j S_ij X_j  -- row i only needs row i of
   Q and S, so a rank holding some rows of W computes exactly its rows of V X; a rank holding an
   arbitrary set of elements (a ZeRO flat fragment) computes partial row sums, and one all-reduce
   (SUM) of the m x r block completes them.
 * (V^T Y)_j = beta2 * U_j (Q^T Y) + (1 - beta2) * sum_i S_ij Y_i  -- a sum over rows i: every
-  rank computes the contribution of the rows (elements) it holds, Q^T Y included, and one
-  all-reduce of the n x r block completes it.
+  rank computes the contribution of the rows (elements) it holds, and one all-reduce of the
+  n x r block completes it.
 The QRs act on small m x r blocks that every rank holds in full after the all-reduce, and the
-sketch is drawn from a shared seed, so they run identically everywhere.
+sketch is drawn from a shared seed, so they run identically everywhere. ``s_rsi_steps`` is the
+iteration as a generator of product requests, so one process and a sharded run share it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
@@ -63,6 +65,36 @@ def second_moment_operator(
     return (lambda X: v_matmul(Q, U, S, X, beta2)), (lambda Y: vt_matmul(Q, U, S, Y, beta2))
 
 
+def s_rsi_steps(
+    k: int,
+    power_iters: int,
+    *,
+    omega: torch.Tensor | None = None,
+    q_start: torch.Tensor | None = None,
+) -> Generator[tuple[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """S-RSI as a generator of product requests: it yields ("v", X) or ("vt", Y), is sent back
+    V X or V^T Y, and returns (Q, U).
+
+    The iteration itself (see ``s_rsi``) never touches V, so the same code runs in one process
+    (``s_rsi`` answers the requests directly) and sharded (``Adapprox._sharded_update`` answers
+    the requests of all parameters at once with one all-reduce per round).
+    """
+    if (omega is None) == (q_start is None):
+        raise ValueError("s_rsi needs exactly one of omega (cold start) or q_start (warm start)")
+    q = torch.linalg.qr((yield "v", omega)).Q if q_start is None else q_start
+    for _ in range(power_iters):
+        z = yield "vt", q
+        q = torch.linalg.qr((yield "v", z)).Q
+    # QR of a subspace iterate orders its columns by convergence, the leading ones first, so
+    # keeping the first k columns keeps the dominant directions (ALGORITHMS.md step 2).
+    # A copy: a slice would keep the whole (m, r) storage alive in the optimizer state (and
+    # .contiguous() is not enough: at k = 1 the slice already counts as contiguous).
+    if q.shape[-1] > k:
+        q = q[..., :k].clone(memory_format=torch.contiguous_format)
+    u = yield "vt", q
+    return q, u.contiguous()
+
+
 def s_rsi(
     apply_v: MatMul,
     apply_vt: MatMul,
@@ -85,18 +117,14 @@ def s_rsi(
     Products: 2 * power_iters + 2 (cold) or 2 * power_iters + 1 (warm); all of them are of
     V with a thin (., r) block.
     """
-    if (omega is None) == (q_start is None):
-        raise ValueError("s_rsi needs exactly one of omega (cold start) or q_start (warm start)")
-    q = torch.linalg.qr(apply_v(omega)).Q if q_start is None else q_start
-    for _ in range(power_iters):
-        q = torch.linalg.qr(apply_v(apply_vt(q))).Q
-    # QR of a subspace iterate orders its columns by convergence, the leading ones first, so
-    # keeping the first k columns keeps the dominant directions (ALGORITHMS.md step 2).
-    # A copy: a slice would keep the whole (m, r) storage alive in the optimizer state (and
-    # .contiguous() is not enough: at k = 1 the slice already counts as contiguous).
-    if q.shape[-1] > k:
-        q = q[..., :k].clone(memory_format=torch.contiguous_format)
-    return q, apply_vt(q).contiguous()
+    steps = s_rsi_steps(k, power_iters, omega=omega, q_start=q_start)
+    request = next(steps)
+    while True:
+        kind, x = request
+        try:
+            request = steps.send(apply_v(x) if kind == "v" else apply_vt(x))
+        except StopIteration as done:
+            return done.value
 
 
 def residual_norms_(

@@ -200,18 +200,20 @@ class Layout:
         """This rank's elements of a full logical tensor (flat)."""
         return full.reshape(-1)[self.start: self.start + self.length].clone()
 
-    def gather_rows(self, window: torch.Tensor) -> torch.Tensor:
-        """Full (B*m,) row vector from row windows (a collective for ``row`` layouts)."""
+    def gather_rows(self, window: torch.Tensor, extra=()) -> torch.Tensor:
+        """Full (B*m, *extra) row-indexed tensor from row windows (window, *extra) (a collective
+        for ``row`` layouts). ``extra``: trailing dims per row, e.g. (k,) for Adapprox's Q."""
         if not self.row_sharded:
-            return window.reshape(-1).clone()
-        full = torch.zeros(self.rows_total, dtype=window.dtype, device=window.device)
-        full[self.row_lo: self.row_hi] = window.reshape(-1)
+            return window.reshape(-1, *extra).clone()
+        full = torch.zeros(self.rows_total, *extra, dtype=window.dtype, device=window.device)
+        full[self.row_lo: self.row_hi] = window.reshape(-1, *extra)
         if _world(self.group) > 1:
             dist.all_reduce(full, group=self.group)
         return full
 
-    def rows_of(self, full_rows: torch.Tensor) -> torch.Tensor:
-        return full_rows.reshape(-1)[self.row_lo: self.row_hi].clone()
+    def rows_of(self, full_rows: torch.Tensor, extra=()) -> torch.Tensor:
+        """This rank's window (window, *extra) of a full row-indexed tensor."""
+        return full_rows.reshape(self.rows_total, *extra)[self.row_lo: self.row_hi].clone()
 
 
 def _world(group) -> int:
@@ -305,7 +307,7 @@ def _slots(opt, names: dict | None):
         st = opt.state[p]
         for name, _off, layout in frags:
             sub = st.setdefault(name, {})
-            yield name, layout, sub, _initializer(opt, layout, sub, group, p.device, None)
+            yield name, layout, sub, _initializer(opt, name, layout, sub, group, p.device, None)
     for group in opt.param_groups:
         for p in group["params"]:
             if p in opt._fragments:
@@ -317,18 +319,13 @@ def _slots(opt, names: dict | None):
             if p not in names:
                 raise KeyError(f"no name for a parameter of shape {tuple(p.shape)}: pass names=model")
             st = opt.state[p]
-            yield names[p], layout, st, _initializer(opt, layout, st, group, p.device, local)
+            yield names[p], layout, st, _initializer(opt, p, layout, st, group, p.device, local)
 
 
-def _initializer(opt, layout, state, group, device, local):
+def _initializer(opt, key, layout, state, group, device, local):
     def init():
         if not state:
-            state["step"] = 0
-            state["nonfinite_skips"] = 0
-            if layout.sharded:
-                opt._init_sharded_state(layout, state, group, device)
-            else:
-                opt._init_state(local, state, group)
+            opt._new_state(key, local, layout, state, group, device)
     return init
 
 
@@ -340,14 +337,29 @@ def _param_names(model_or_names) -> dict:
     return dict(model_or_names)
 
 
-def _kind_of(key: str, value: torch.Tensor, layout: Layout) -> str:
+def _kind_of(opt, key: str, layout: Layout) -> str:
+    """How a state tensor is indexed: "elem" (like the parameter), "row" (by the rows of the
+    (B*m, n) stack) or "col" (by matrix and column). Optimizers name it in ``state_kinds``;
+    otherwise the suffixes _row/_col say it."""
     if not layout.factored:
         return "elem"
+    declared = getattr(opt, "state_kinds", {}).get(key)
+    if declared is not None:
+        return declared
     if key.endswith("_row"):
         return "row"
     if key.endswith("_col"):
         return "col"
     return "elem"
+
+
+def _extra_dims(v: torch.Tensor, layout: Layout, kind: str, local: bool) -> tuple:
+    """Trailing dims per row / column of a row- or col-kind tensor (Adapprox's rank k; none for
+    Adafactor's vectors). Local row tensors are (window, *extra); full ones and col tensors are
+    (*full_shape[:-1], *extra) and (*full_shape[:-2], n, *extra)."""
+    if kind == "row" and local and layout.sharded:
+        return tuple(v.shape[1:])
+    return tuple(v.shape[len(layout.full_shape) - 1:])
 
 
 def full_state_dict(opt, names=None) -> dict:
@@ -368,20 +380,23 @@ def full_state_dict(opt, names=None) -> dict:
             if not torch.is_tensor(v):
                 entry[key] = v
                 continue
-            kind = _kind_of(key, v, layout)
+            kind = _kind_of(opt, key, layout)
             if kind == "elem":
                 entry[key] = layout.gather_full(v) if layout.sharded else v.detach().clone()
-            elif kind == "row":
+                continue
+            extra = _extra_dims(v, layout, kind, local=True)
+            if kind == "row":
+                shape = layout.full_shape[:-1] + extra
                 if layout.kind == "flat":
-                    entry[key] = _from_holders(layout, v, layout.rows_total).view(layout.full_shape[:-1])
+                    entry[key] = _from_holders(layout, v, shape.numel()).view(shape)
                 else:
-                    entry[key] = layout.gather_rows(v).view(layout.full_shape[:-1])
+                    entry[key] = layout.gather_rows(v, extra).view(shape)
             else:
-                col_shape = layout.full_shape[:-2] + layout.full_shape[-1:]
+                shape = layout.full_shape[:-2] + layout.full_shape[-1:] + extra
                 if layout.kind == "flat":
-                    entry[key] = _from_holders(layout, v, col_shape.numel()).view(col_shape)
+                    entry[key] = _from_holders(layout, v, shape.numel()).view(shape)
                 else:
-                    entry[key] = v.detach().clone().view(col_shape)
+                    entry[key] = v.detach().clone().view(shape)
         out[name] = entry
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     sd = {"state": out, "param_groups": groups, "format": "memopt-full-v1"}
@@ -417,15 +432,20 @@ def load_full_state_dict(opt, sd: dict, names=None) -> None:
                 st[key] = v
                 continue
             cur = st.get(key)
-            kind = _kind_of(key, v, layout)
-            if kind == "elem":
-                new = layout.local_of(v) if layout.sharded else v
-            elif kind == "row":
-                new = layout.rows_of(v) if layout.row_sharded else v
-            else:
-                new = v
             if cur is None:
                 raise KeyError(f"{name}: saved state {key!r} is unknown to {type(opt).__name__}")
+            kind = _kind_of(opt, key, layout)
+            extra = () if kind == "elem" else _extra_dims(v, layout, kind, local=False)
+            if kind == "elem":
+                new = layout.local_of(v) if layout.sharded else v
+            elif kind == "row" and layout.sharded:
+                new = layout.rows_of(v, extra)  # (window, *extra); a flat window is all rows
+            else:
+                new = v
+            if key in getattr(opt, "resizable_state", ()):
+                # Its trailing size (a rank) changes during training: take the saved tensor as it is.
+                st[key] = new.to(device=cur.device, dtype=torch.float32).clone()
+                continue
             if cur.numel() == 0 and new.numel() != 0:
                 continue  # a factor this rank does not keep (it holds no element of the parameter)
             cur.copy_(new.reshape(cur.shape))

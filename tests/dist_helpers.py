@@ -31,7 +31,15 @@ CASES = {
     "adalomo_clip": ("adalomo", dict(lr=3e-2, clip_grad_norm=0.5, weight_decay=0.1), False),
     "lomo": ("lomo", dict(lr=3e-2), False),
     "lomo_fused": ("lomo", dict(lr=3e-2), True),
-    "adapprox": ("adapprox", dict(lr=1e-2), False),
+    # Adapprox at a 10x smaller lr than the others: its update amplifies round-off (entries of V
+    # below the fp32 resolution of the low-rank product Q U^T get a noisy Vhat), so even DDP,
+    # which runs the unchanged single-process code on all-reduced gradients, differs from the
+    # single process by 1.1e-5 at lr=1e-2, W=3. Differences scale with lr; a real error in the
+    # sharded path moves parameters by the size of the update (~2e-3 here), 100x the tolerance.
+    "adapprox": ("adapprox", dict(lr=1e-3), False),
+    # Low rank (truncation matters), cold sketches every step (12 product rounds), the options.
+    "adapprox_k2_cold": ("adapprox", dict(lr=1e-3, k_max=2, warm_start=False, bias_correction=True,
+                                          weight_decay=0.1, betas=(0.9, 0.99)), False),
 }
 
 

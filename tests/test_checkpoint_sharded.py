@@ -8,7 +8,7 @@ import dist_helpers as dh
 import memopt
 from memopt.sharding import full_state_dict, load_full_state_dict
 
-CASES = ["adafactor_b1_wd", "came", "adalomo"]
+CASES = ["adafactor_b1_wd", "came", "adalomo", "adapprox", "adapprox_k2_cold"]
 
 
 def _single(case, saved=None, split=3):

@@ -7,7 +7,7 @@ import pytest
 
 import dist_helpers as dh
 
-CASES = [c for c in dh.CASES if c != "adapprox"]
+CASES = list(dh.CASES)
 
 
 def _check(results, cases):
@@ -19,8 +19,12 @@ def _check(results, cases):
 
 
 # All-reduces per optimizer step, whatever the number of parameters (6 here): Adafactor/AdaLomo
-# 2 phases, CAME 3, LOMO 1, global-norm clipping 1 more.
-COLLECTIVES_PER_STEP = {"adafactor": 2, "adafactor_b1_wd": 2, "came": 3, "adalomo": 2, "adalomo_clip": 3, "lomo": 1}
+# 2 phases, CAME 3, LOMO 1, global-norm clipping 1 more. Adapprox: 2 rounds plus one per product
+# of its sketch (ALGORITHMS.md: 2 l + 2 for a cold sketch, l = 5; 2 l + 1 warm, l = 1): the
+# first step is cold (14), the later ones warm (5), or cold every step with warm_start=False.
+COLLECTIVES_PER_STEP = {"adafactor": 2, "adafactor_b1_wd": 2, "came": 3, "adalomo": 2, "adalomo_clip": 3, "lomo": 1,
+                        "adapprox_k2_cold": 14}
+COLLECTIVES_5_STEPS = {"adapprox": 14 + 4 * 5}
 
 
 def test_fsdp2_w3_uneven_matches_single_process():
@@ -29,8 +33,11 @@ def test_fsdp2_w3_uneven_matches_single_process():
     for case, per_step in COLLECTIVES_PER_STEP.items():
         for r in results:
             assert r[case + ":collectives"] == per_step * dh.STEPS, case
+    for case, total in COLLECTIVES_5_STEPS.items():
+        for r in results:
+            assert r[case + ":collectives"] == total, case
     # Each rank holds its share: less factored state than a single process would.
-    for case in ("came", "adafactor_b1_wd"):
+    for case in ("came", "adafactor_b1_wd", "adapprox"):
         import memopt
 
         name, hp, _ = dh.CASES[case]

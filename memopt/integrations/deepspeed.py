@@ -61,8 +61,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if stage >= 1 and not optimizer.supports_sharding:
         raise NotImplementedError(
-            f"{type(optimizer).__name__} does not support ZeRO partitions yet (memopt sharding covers "
-            "Adafactor, CAME, AdaLomo, LOMO); use ZeRO stage 0 with it"
+            f"{type(optimizer).__name__} does not support ZeRO partitions (memopt sharding covers "
+            "Adafactor, CAME, AdaLomo, LOMO, Adapprox); use ZeRO stage 0 with it"
         )
     optimizer._suspended = True
     try:
