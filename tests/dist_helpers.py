@@ -337,3 +337,77 @@ def deepspeed_checkpoint_worker(rank, world, stage, cases, split=3):
         params = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.ps]
         out[case] = (params, full_state_dict(client, engine.module))
     return out
+
+
+def deepspeed_capture_worker(rank, world, stages, cases, steps=3, bf16=True):
+    """Train under ZeRO-``stage`` (bf16 by default) and record, at every client step, the full
+    fp32 master parameters before and after it and the full gradients it was given, gathered
+    from the bound fragments: {("bf16", stage, case): [ {name: (before, grad, after)} per step ]}.
+
+    In bf16 the forward/backward runs in bf16, so the trajectory is not comparable with an fp32
+    single process; what must hold is that each sharded update equals the single-process update
+    of the same full master weights with the same full gradients (``replay_single``)."""
+    no_deepspeed_op_builds()
+    import memopt
+    from memopt.integrations.deepspeed import initialize
+
+    out = {}
+    for stage in stages:
+        for case in cases:
+            name, hp, _ = CASES[case]
+            engine, opt, *_ = initialize(model=BagModel(0), optimizer=name, optimizer_params=hp,
+                                         config=deepspeed_config(stage, world, bf16))
+            client = opt if isinstance(opt, memopt.MemoptOptimizer) else opt.optimizer
+            records = []
+            plain_step = client.step
+
+            def gathered(with_grad):
+                got = {}
+                for flat, frags in client._fragments.items():
+                    if flat.grad is None:
+                        continue
+                    for fname, off, layout in frags:
+                        w = layout.gather_full(flat.detach()[off:off + layout.length].float())
+                        g = layout.gather_full(flat.grad[off:off + layout.length].float()) if with_grad else None
+                        got[fname] = (w, g)
+                return got
+
+            def recording_step(closure=None):
+                before = gathered(True)
+                result = plain_step(closure)
+                after = gathered(False)
+                records.append({k: (before[k][0], before[k][1], after[k][0]) for k in before})
+                return result
+
+            client.step = recording_step
+            for step in range(steps):
+                xs = local_batch(step, rank, world)
+                loss = engine([x.bfloat16() for x in xs] if bf16 else xs)
+                engine.backward(loss)
+                engine.step()
+            # ZeRO-1/2 step once per parameter group: merge the records of one engine step.
+            per_step = len(records) // steps
+            out[("bf16" if bf16 else "fp32", stage, case)] = [
+                {k: v for rec in records[i * per_step:(i + 1) * per_step] for k, v in rec.items()} for i in range(steps)
+            ]
+            engine.destroy() if hasattr(engine, "destroy") else None
+    return out
+
+
+def replay_single(case, records, names):
+    """Max abs difference between the recorded sharded updates and a single-process optimizer
+    (fp32, full tensors, state carried across steps) given the same weights and gradients."""
+    import memopt
+
+    name, hp, _ = CASES[case]
+    params = [torch.nn.Parameter(records[0][n][0].clone()) for n in names]
+    opt = memopt.create_optimizer(name, params, **hp)
+    worst = 0.0
+    for rec in records:
+        with torch.no_grad():
+            for p, n in zip(params, names):
+                p.copy_(rec[n][0])
+                p.grad = rec[n][1].clone()
+        opt.step()
+        worst = max(worst, max_abs_diff([p.detach() for p in params], [rec[n][2] for n in names]))
+    return worst
