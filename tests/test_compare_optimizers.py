@@ -183,3 +183,16 @@ def test_tiny_study_end_to_end_in_process(tmp_path):
     assert states["adamw"] > 4 * states["adalomo"] > 0  # two full moments vs factored second moments
     assert (out / "report.md").is_file() and (out / "memory_vs_loss_gpt.png").stat().st_size > 1000
     assert not any((tmp_path / "runs").rglob("model.pt"))  # checkpoints are removed after the zero-shot evaluation
+
+
+def test_lr_center_option_moves_one_grid_and_rejects_bad_input():
+    from pretrain.study.catalog import CATALOG
+
+    tool = _tool()
+    plan = tool.build_plan(tool.parse_args(["--optimizers", "came,adamw", "--tasks", "gpt", "--lr-center", "came=1e-4"]))
+    lrs = {e.key: plan.lrs(e) for e in plan.entries}
+    assert lrs["came"] == pytest.approx([1e-4 * 10**-0.5, 1e-4, 1e-4 * 10**0.5], rel=0.01)
+    assert lrs["adamw"] == plan.lrs(CATALOG["adamw"])  # the others keep the catalog's centre
+    for bad in ["came", "sgd=1", "came=-1", "came=abc"]:
+        with pytest.raises(SystemExit, match="lr-center"):
+            tool.build_plan(tool.parse_args(["--optimizers", "came,adamw", "--tasks", "gpt", "--lr-center", bad]))

@@ -20,8 +20,10 @@ PNGs, results.json and raw/<task>/<run>/metrics.jsonl under ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--bert-sweep-tokens", type=int, default=None)
     ap.add_argument("--lrs-per-optimizer", type=int, default=3)
     ap.add_argument("--lr-span-decades", type=float, default=1.0, help="decades the lr grid covers (default 1)")
+    ap.add_argument("--lr-center", action="append", default=[], metavar="KEY=LR",
+                    help="move an optimizer's lr grid, e.g. came=1e-4 (repeatable; default: pretrain/study/catalog.py)")
     ap.add_argument("--seeds", default="1234,1235", help="comma list; the first one is the sweep seed")
     ap.add_argument("--evals-per-run", type=int, default=6, help="validation points per run (the loss curves)")
     ap.add_argument("--gpt-config", default=str(ROOT / "configs/gpt_demo.yaml"))
@@ -73,6 +77,25 @@ def parse_args(argv=None):
     return args
 
 
+def parse_lr_centers(items: list[str], keys: list[str]) -> dict[str, float]:
+    """{optimizer key: lr centre} from ``KEY=LR`` strings; the keys must be in the study."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --lr-center takes KEY=LR, got {item!r}")
+        if key not in keys:
+            raise SystemExit(f"error: --lr-center {key!r} is not one of the study's optimizers ({', '.join(keys)})")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not math.isfinite(lr) or lr <= 0:
+            raise SystemExit(f"error: --lr-center {key}: the lr must be a positive number, got {value!r}")
+        out[key] = lr
+    return out
+
+
 def build_plan(args):
     from pretrain.study.catalog import resolve
     from pretrain.study.study import StudyPlan, TaskPlan
@@ -87,7 +110,10 @@ def build_plan(args):
                                   args.bert_sweep_tokens or args.bert_budget_tokens, list(args.bert_override)))
         else:
             raise SystemExit(f"error: unknown task {task!r} (gpt, bert)")
-    return StudyPlan(tasks=tasks, entries=resolve([k for k in args.optimizers.split(",") if k]),
+    entries = resolve([k for k in args.optimizers.split(",") if k])
+    centers = parse_lr_centers(args.lr_center, [e.key for e in entries])
+    entries = [dataclasses.replace(e, lr_center=centers[e.key]) if e.key in centers else e for e in entries]
+    return StudyPlan(tasks=tasks, entries=entries,
                      lrs_per_optimizer=args.lrs_per_optimizer, lr_span_decades=args.lr_span_decades,
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s), evals_per_run=args.evals_per_run,
                      zeroshot_limit=args.zeroshot_limit, work_dir=args.work_dir)
