@@ -110,6 +110,7 @@ def test_study_with_stubbed_runs_writes_report_plots_and_json(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "STUB" in report and "| 1 | AdamW | 0.001 | 4." in report
+    assert "not results" not in report  # only a label starting with "SMOKE" says that
     assert "beyond noise" in report and "Ranking compared with the reported results" in report
     assert "(edge of grid)" in report  # sgd's best is the largest lr tried
     assert "diverged" in report
@@ -132,7 +133,7 @@ def test_a_finished_run_is_reused_not_retrained(tmp_path):
     # the worker's result holds the spec plus what it measured (its zero-shot summary included)
     (out / "result.json").write_text(json.dumps(dict(spec, final_val_loss=3.5, failed=False, zeroshot={"t": {"acc": 1.0}})))
     r = subprocess_run(spec)
-    assert r["final_val_loss"] == 3.5 and not r["failed"]
+    assert r["final_val_loss"] == 3.5 and not r["failed"] and r["reused"]  # the report counts reused runs
     changed = dict(spec, lr=2e-3)  # another spec in the same directory is run again (and fails here: no config)
     assert subprocess_run(changed)["failed"]
 

@@ -67,7 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--zeroshot-limit", type=int, default=None, help="documents per zero-shot task (default all)")
     ap.add_argument("--out", default=str(ROOT / "docs/results"), help="report directory")
     ap.add_argument("--work-dir", default=str(ROOT / "runs/optimizer_study"), help="run directories")
-    ap.add_argument("--label", default=None, help='e.g. "SMOKE RUN": printed at the top of the report')
+    ap.add_argument("--label", default=None,
+                    help='printed at the top of the report; one starting with "SMOKE" also says its numbers are not results')
     ap.add_argument("--plan", action="store_true", help="print the plan and its predicted time; train nothing")
     ap.add_argument("--measure-steps", type=int, default=0,
                     help="with --plan: measure tokens/s per optimizer with runs of this many steps first")

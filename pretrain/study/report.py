@@ -285,10 +285,16 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
     title = "Optimizer study" + (f" ({label})" if label else "")
     L += [f"# {title}", ""]
     if label:
-        L += [f"**{label}.** Budgets far below the study's; the numbers below show that the pipeline works, "
-              "they are not results.", ""]
-    L += ["Regenerate with:", "", "```", meta["command"], "```", "",
-          f"Wall time: {study['wall_s'] / 60:.1f} min on {meta['machine']} ({meta['date']}).", ""]
+        L += [f"**{label}.**", ""]
+        if label.upper().startswith("SMOKE"):
+            L += ["Budgets far below the study's; the numbers below show that the pipeline works, they are not results.", ""]
+    runs = [r for t in study["tasks"].values() for r in t["sweep"] + t["final"] if not r.get("reused_from_sweep")]
+    reused = sum(1 for r in runs if r.get("reused"))
+    wall = f"Wall time: {study['wall_s'] / 60:.1f} min on {meta['machine']} ({meta['date']})"
+    if reused:
+        wall += (f"; {reused} of {len(runs)} training runs were finished by an earlier invocation with the same"
+                 " specification and reused, so their time is not in it")
+    L += ["Regenerate with:", "", "```", meta["command"], "```", "", wall + ".", ""]
     L += ["### Setup", "", "| optimizer | implementation, fixed hyperparameters | lr grid |", "|---|---|---|"]
     for key in meta["optimizers"]:
         e = CATALOG[key]

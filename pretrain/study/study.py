@@ -94,7 +94,7 @@ def subprocess_run(spec: dict) -> dict:
     if done.is_file():
         old = json.loads(done.read_text())
         if all(old.get(k) == v for k, v in spec.items() if k != "keep_checkpoint"):
-            return old
+            return dict(old, reused=True)
     if spec["kind"] == "train" and out.exists():
         shutil.rmtree(out)  # a half-finished run: metrics.jsonl would be appended to
     out.mkdir(parents=True, exist_ok=True)
