@@ -212,8 +212,8 @@ def test_deepspeed_zero2_adalomo_trains_and_resumes(tmp_path):
     if not Path(deepspeed_bin).exists():
         pytest.skip("the deepspeed launcher is not installed in this environment")
 
-    def run(steps):
-        cmd = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "launch/pretrain_gpt.py"),
+    def run(steps, ranks=2):
+        cmd = [deepspeed_bin, "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(ROOT / "launch/pretrain_gpt.py"),
                "--config", str(ROOT / "configs/quickstart.yaml"), f"output_dir={tmp_path}", "model.preset=tiny",
                f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}", "train.progress_bar=false",
                "train.eval_every=0", "train.log_every=1", f"train.steps={steps}", "checkpoint.every=2"]
@@ -228,3 +228,13 @@ def test_deepspeed_zero2_adalomo_trains_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("loss" in r for r in rows)
     assert losses[4] < losses[1]  # AdaLomo at the quickstart's lr makes progress in 4 steps
+    # Resume on 1 rank what 2 ranks wrote: through memopt_full.pt (weights, fp32 masters and the
+    # optimizer state by parameter name), not DeepSpeed's per-rank files.
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    assert (ckpt / "memopt_full.pt").is_file()
+    proc = run(6, ranks=1)
+    assert "written by 2 DeepSpeed ranks, resumed on 1" in proc.stderr + proc.stdout
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    # the trained weights were restored (a fresh model would start again near losses[1])
+    assert losses[5] < losses[1] - 0.5 * (losses[1] - losses[4])

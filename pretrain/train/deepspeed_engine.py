@@ -8,6 +8,7 @@ factored and low-rank states exact on ZeRO's flat fragments); torch's AdamW and 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,11 +16,13 @@ import torch
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
-from .engines import optimizer_kwargs, use_fused_backward
+from .engines import dist_rank, dist_world, optimizer_kwargs, use_fused_backward
 from .schedule import build_scheduler
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
 _TAG = "deepspeed"
+_WORLD_FILE = "deepspeed_world.json"
+_FULL_FILE = "memopt_full.pt"  # memopt state by parameter name: resumes at any world size
 
 
 def deepspeed_config(cfg) -> dict:
@@ -101,10 +104,73 @@ class DeepSpeedEngine:
     def skip_step(self) -> None:
         self.engine.zero_grad()
 
+    @property
+    def _memopt_client(self):
+        """The memopt optimizer on ZeRO partitions (None for torch optimizers or ZeRO stage 0)."""
+        opt = self.optimizer if isinstance(self.optimizer, memopt.MemoptOptimizer) else getattr(self.optimizer, "optimizer", None)
+        if isinstance(opt, memopt.MemoptOptimizer) and opt._fragments:
+            return opt
+        return None
+
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=_TAG)
+        if dist_rank() == 0:
+            (path / _WORLD_FILE).write_text(json.dumps({"world_size": dist_world()}))
+        client = self._memopt_client
+        if client is not None:
+            # DeepSpeed saves the client's state per rank (world-size dependent). This copy, by
+            # parameter name at full shapes, is what resumes at another world size.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            from memopt.sharding import full_state_dict
+
+            params = {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self.engine.module.named_parameters()}
+            full = full_state_dict(client, self.engine.module)  # collectives: every rank calls them
+            if dist_rank() == 0:
+                torch.save({"params": params, "optimizer": full, "scheduler": self.scheduler.state_dict(),
+                            "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples},
+                           path / _FULL_FILE)
 
     def load(self, path: Path) -> None:
+        saved = json.loads((path / _WORLD_FILE).read_text())["world_size"] if (path / _WORLD_FILE).is_file() else None
+        if saved is not None and saved != dist_world():
+            return self._load_resharded(path, saved)
         load_path, _ = self.engine.load_checkpoint(str(path), tag=_TAG)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+
+    def _load_resharded(self, path: Path, saved_world: int) -> None:
+        """Resume a checkpoint written by ``saved_world`` ranks on this run's world size."""
+        full_file = path / _FULL_FILE
+        if self._memopt_client is None or not full_file.is_file():
+            raise RuntimeError(
+                f"{path} was written by {saved_world} DeepSpeed ranks and this run has {dist_world()}: DeepSpeed "
+                "checkpoints resume at the same world size only (memopt optimizers under ZeRO >= 1 also write "
+                f"{_FULL_FILE}, which resumes anywhere; for torch optimizers convert with DeepSpeed's "
+                "ds_to_universal.py); restart with the original number of ranks"
+            )
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        from memopt.sharding import load_full_state_dict
+
+        full = torch.load(full_file, map_location="cpu", weights_only=False)
+        stage3 = self.engine.zero_optimization_stage() == 3
+        for name, p in self.engine.module.named_parameters():
+            value = full["params"][name]
+            safe_set_full_fp32_param(p, value)  # the fp32 master fragment this rank holds
+            # ... and the (bf16 or fp32) weight the forward uses, which DeepSpeed refreshes only at a step.
+            if stage3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    with torch.no_grad():
+                        p.copy_(value.to(p.dtype))
+            else:
+                with torch.no_grad():
+                    p.copy_(value.to(device=p.device, dtype=p.dtype))
+        load_full_state_dict(self._memopt_client, full["optimizer"], self.engine.module)
+        self.scheduler.load_state_dict(full["scheduler"])
+        self.engine.global_steps = full["global_steps"]
+        self.engine.global_samples = full["global_samples"]
+        if dist_rank() == 0:
+            print(f"{path}: written by {saved_world} DeepSpeed ranks, resumed on {dist_world()} from {_FULL_FILE}",
+                  file=sys.stderr, flush=True)
