@@ -13,7 +13,7 @@ import torch
 
 from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite, rms
 from .sharding import Reducer
-from .lowrank import next_rank, relative_error, residual_norms_, s_rsi_steps, second_moment_operator
+from .lowrank import answer_requests, next_rank, relative_error, residual_norms_, s_rsi_steps, second_moment_operator
 
 _MASK64 = (1 << 64) - 1
 VHAT_FLOORS = ("grad", "zero")
@@ -240,12 +240,17 @@ class Adapprox(MemoptOptimizer):
         k_max = min(group["k_max"], m, n)
         return min(group["k_min"], k_max), k_max
 
+    @classmethod
+    def _initial_rank(cls, m: int, n: int, group: dict) -> int:
+        """Rank of the first sketch: k_init (default k_max) within this matrix's limits."""
+        k_min, k_max = cls._rank_limits(m, n, group)
+        k_init = group["k_init"] if group["k_init"] is not None else group["k_max"]
+        return max(k_min, min(k_init, k_max))
+
     def _init_state(self, p, state, group):
         kw = dict(dtype=torch.float32, device=p.device)
         if p.dim() >= 2:
-            k_min, k_max = self._rank_limits(p.shape[-2], p.shape[-1], group)
-            k_init = group["k_init"] if group["k_init"] is not None else group["k_max"]
-            state["rank"] = max(k_min, min(k_init, k_max))
+            state["rank"] = self._initial_rank(p.shape[-2], p.shape[-1], group)
             state["rel_error"] = None
             # No history yet: rank-0 factors (zero bytes). V_1 = (1 - beta2) * G*G.
             state["Q"] = torch.zeros(*p.shape[:-1], 0, **kw)
@@ -262,9 +267,7 @@ class Adapprox(MemoptOptimizer):
         rank holding no element: they are small, and identical everywhere after each step."""
         kw = dict(dtype=torch.float32, device=device)
         if layout.factored:
-            k_min, k_max = self._rank_limits(layout.m, layout.n, group)
-            k_init = group["k_init"] if group["k_init"] is not None else group["k_max"]
-            state["rank"] = max(k_min, min(k_init, k_max))
+            state["rank"] = self._initial_rank(layout.m, layout.n, group)
             state["rel_error"] = None
             state["Q"] = torch.zeros(layout.window, 0, **kw)
             state["U"] = torch.zeros(*layout.full_shape[:-2], layout.n, 0, **kw)
@@ -372,8 +375,7 @@ class Adapprox(MemoptOptimizer):
                 st["Q"] = q[L.row_lo:L.row_hi].clone() if L.row_sharded else q
                 st["U"] = w["u"].view(*L.full_shape[:-2], L.n, k)
                 self._next_rank(st, grp, k, float(error), *self._rank_limits(L.m, L.n, grp))
-            u_rms = math.sqrt(float(u_sq) / L.numel)
-            u_scale = c2 / max(1.0, c2 * u_rms / grp["clip_threshold"])
+            u_scale = _clip_scale(c2, math.sqrt(float(u_sq) / L.numel), grp)
             self._apply(u.param, w["uhat"], self._first_moment(u.param, st, grp), u_scale, grp, step_size)
             applied.append(True)
         return applied
@@ -472,8 +474,7 @@ class Adapprox(MemoptOptimizer):
         v.mul_(beta2).add_(g2, alpha=1.0 - beta2)
         c2, eps, step_size = self._corrections(group, step)
         uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
-        # RMS clip of the true Uhat = c2 * uhat, folded into one scalar.
-        u_scale = c2 / max(1.0, c2 * float(rms(uhat)) / group["clip_threshold"])
+        u_scale = _clip_scale(c2, float(rms(uhat)), group)
         self._apply(p, uhat, self._first_moment(p, state, group), u_scale, group, step_size)
         return True
 
@@ -500,14 +501,7 @@ class Adapprox(MemoptOptimizer):
         k_min, k_max = self._rank_limits(m, n, group)
         apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
         k, sketch = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
-        request = next(sketch)
-        while True:
-            kind, x = request
-            try:
-                request = sketch.send(apply_v(x) if kind == "v" else apply_vt(x))
-            except StopIteration as done:
-                q, u = done.value
-                break
+        q, u = answer_requests(sketch, apply_v, apply_vt)
 
         # -- error, then Vhat and Uhat, all in the scratch buffer ----------------------------
         c2, eps, step_size = self._corrections(group, step)
@@ -525,11 +519,15 @@ class Adapprox(MemoptOptimizer):
         state["Q"] = q.view(*p.shape[:-1], k)
         state["U"] = u.view(*p.shape[:-2], n, k)
         self._next_rank(state, group, k, float(error), k_min, k_max)
-        # RMS clip of the true Uhat = c2 * uhat over the whole tensor, folded into one scalar.
-        u_rms = math.sqrt(float(u_sq) / p.numel())
-        u_scale = c2 / max(1.0, c2 * u_rms / group["clip_threshold"])
+        u_scale = _clip_scale(c2, math.sqrt(float(u_sq) / p.numel()), group)
         self._apply(p, uhat.view(p.shape), self._first_moment(p, state, group), u_scale, group, step_size)
         return True
+
+
+def _clip_scale(c2: float, uhat_rms: float, group: dict) -> float:
+    """Step 5 as one scalar on the stored uhat: the true Uhat is c2 * uhat (bias correction),
+    divided by max(1, RMS(Uhat) / clip_threshold) over the whole tensor."""
+    return c2 / max(1.0, c2 * uhat_rms / group["clip_threshold"])
 
 
 # -- the local pieces of a sharded step (memopt.sharding.Layout pieces) ------------------------

@@ -117,7 +117,12 @@ def s_rsi(
     Products: 2 * power_iters + 2 (cold) or 2 * power_iters + 1 (warm); all of them are of
     V with a thin (., r) block.
     """
-    steps = s_rsi_steps(k, power_iters, omega=omega, q_start=q_start)
+    return answer_requests(s_rsi_steps(k, power_iters, omega=omega, q_start=q_start), apply_v, apply_vt)
+
+
+def answer_requests(steps, apply_v: MatMul, apply_vt: MatMul):
+    """Run a generator of ("v", X) / ("vt", Y) requests (``s_rsi_steps``) to its end, answering
+    each with ``apply_v`` / ``apply_vt``; returns what it returns."""
     request = next(steps)
     while True:
         kind, x = request
