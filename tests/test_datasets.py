@@ -201,7 +201,37 @@ def test_bundled_prepare_builds_then_reuses(tmp_path):
     prefixes = bundled.prepare(str(tmp_path), workers=2)
     assert set(prefixes) == {"gpt", "gpt_heldout", "bert"}
     meta = json.load(open(prefixes["gpt"] + ".meta.json"))
-    assert meta["documents"] == 292 and meta["tokens"] > 2_500_000
+    assert meta["documents"] == len(bundled.training_documents()) and meta["tokens"] > 2_500_000
+    assert meta["corpus_layout"] == bundled.CORPUS_LAYOUT
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert bundled.prepare(str(tmp_path)) == prefixes
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
+    # outputs of another corpus layout (e.g. an older checkout's cache) are rebuilt
+    meta_path = prefixes["gpt"] + ".meta.json"
+    json.dump(dict(meta, corpus_layout="whole-documents-in-file-order"), open(meta_path, "w"))
+    (tmp_path / "index_cache").mkdir()  # sample indices built on the old data must go with it
+    bundled.prepare(str(tmp_path))
+    assert json.load(open(meta_path))["corpus_layout"] == bundled.CORPUS_LAYOUT
+    assert not (tmp_path / "index_cache").exists()
+
+
+def test_training_documents_are_shuffled_pieces_of_the_whole_text():
+    docs = bundled.training_documents()
+    assert docs == bundled.training_documents()  # a fixed order
+    assert all(0 < len(d["text"]) <= bundled.PIECE_CHARS for d in docs)
+    # every piece of a document, in order, gives back its text (up to the whitespace at the cuts)
+    squash = lambda t: "".join(t.split())  # noqa: E731
+    by_title = {}
+    for d in docs:
+        base, _, part = d["title"].rpartition("/part-")
+        key = base if part.isdigit() else d["title"]
+        by_title.setdefault(key, []).append((int(part) if part.isdigit() else 0, d["text"]))
+    whole = {d["title"]: d["text"] for d in bundled.corpus_documents("train")}
+    assert set(by_title) == set(whole)
+    for title, parts in by_title.items():
+        assert squash("".join(t for _, t in sorted(parts))) == squash(whole[title]), title
+    # Megatron's "98,1,1" split takes consecutive documents: in the shuffled order the 1%
+    # validation share mixes the authors (in file order it was three Milton poems).
+    n = len(docs)
+    valid = docs[round(0.98 * n): round(0.98 * n) + round(0.01 * n)]
+    assert {d["title"].split("/")[0] for d in valid} == {"austen", "shakespeare_milton"}

@@ -13,7 +13,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import re
+import shutil
 from typing import Dict, Iterator, List
 
 DATA_DIR = os.environ.get(
@@ -24,6 +26,12 @@ AUSTEN = os.path.join(DATA_DIR, "corpora", "austen.txt.gz")
 SHAKESPEARE_MILTON = os.path.join(DATA_DIR, "corpora", "shakespeare_milton.jsonl.gz")
 TOKENIZER = os.path.join(DATA_DIR, "tokenizer", "spm_bpe_8k.model")
 CACHE_DIR = os.path.join(DATA_DIR, "cache")
+
+# How train.jsonl is laid out (training_documents); recorded in the prepared datasets' metadata,
+# so outputs of an older layout are rebuilt.
+PIECE_CHARS = 16_000
+SHUFFLE_SEED = 1234
+CORPUS_LAYOUT = f"pieces-{PIECE_CHARS}-shuffled-{SHUFFLE_SEED}"
 
 # Held out from training for evaluation: one novel, one play, one long poem.
 HELDOUT = ("austen/persuasion", "shakespeare_milton/tempest", "shakespeare_milton/paradise_regained")
@@ -86,15 +94,49 @@ def corpus_documents(part: str = "train") -> Iterator[Dict[str, str]]:
                 yield doc
 
 
+def pieces(doc: Dict[str, str], max_chars: int = PIECE_CHARS) -> Iterator[Dict[str, str]]:
+    """``doc`` cut into pieces of at most ``max_chars`` characters, at blank lines where possible
+    (else at a line break); titles get ``/part-NN`` when there is more than one piece."""
+    text, out, start = doc["text"], [], 0
+    while len(text) - start > max_chars:
+        window = text[start:start + max_chars]
+        cut = window.rfind("\n\n")
+        if cut < max_chars // 4:  # no paragraph break in most of the window: a line break will do
+            cut = window.rfind("\n")
+        if cut <= 0:
+            cut = max_chars
+        out.append(text[start:start + cut])
+        start += cut
+    out.append(text[start:])
+    out = [piece.strip() for piece in out if piece.strip()]
+    if len(out) == 1:
+        yield {"title": doc["title"], "text": out[0]}
+        return
+    for i, piece in enumerate(out, 1):
+        yield {"title": f"{doc['title']}/part-{i:02d}", "text": piece}
+
+
+def training_documents() -> List[Dict[str, str]]:
+    """The training part as written to ``train.jsonl``: pieces of <= PIECE_CHARS characters in a
+    fixed shuffled order. Megatron's train/valid/test split takes *consecutive* documents, so
+    in file order (Austen first, Milton last) its 1% validation share would be three Milton
+    poems; similar-sized shuffled pieces make each split a sample of the whole corpus."""
+    docs = [piece for doc in corpus_documents("train") for piece in pieces(doc)]
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    return docs
+
+
 def write_corpus_jsonl(out_dir: str) -> Dict[str, str]:
-    """Write ``train.jsonl`` and ``heldout.jsonl`` into ``out_dir``; return their paths."""
+    """Write ``train.jsonl`` (``training_documents``) and ``heldout.jsonl`` (whole documents, in
+    order) into ``out_dir``; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for part in ("train", "heldout"):
         path = os.path.join(out_dir, f"{part}.jsonl")
         tmp = f"{path}.tmp-{os.getpid()}"
+        docs = training_documents() if part == "train" else corpus_documents(part)
         with open(tmp, "w", encoding="utf-8") as f:
-            for doc in corpus_documents(part):
+            for doc in docs:
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
         paths[part] = path
@@ -129,10 +171,14 @@ def prepare(
     for name, (part, out, split) in jobs.items():
         prefix = output_prefix_for(out, "text", split)
         meta = read_metadata(prefix) if prefix_exists(prefix) else None
-        if force or meta is None or meta.get("tokenizer_sha256") != sha:
+        if force or meta is None or meta.get("tokenizer_sha256") != sha or meta.get("corpus_layout") != CORPUS_LAYOUT:
             # Up-to-date outputs are left alone (so concurrent callers only read).
             parts = parts or write_corpus_jsonl(corpus_dir)
             preprocess([parts[part]], tokenizer_model, out, append_eod=not split,
-                       split_sentences=split, workers=workers, progress=progress)
+                       split_sentences=split, workers=workers, progress=progress,
+                       extra_metadata={"corpus_layout": CORPUS_LAYOUT})
+            # Megatron's cached sample indices are keyed by path and settings, not by content:
+            # the trainer keeps them under <cache>/index_cache, and they would point into the old data.
+            shutil.rmtree(os.path.join(out_dir, "index_cache"), ignore_errors=True)
         prefixes[name] = prefix
     return prefixes

@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import re
 import sys
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pretrain.data.indexed import IndexedDatasetWriter, token_dtype
 from pretrain.data.readers import DataError, check_inputs, iter_documents
@@ -86,12 +86,14 @@ def preprocess(
     workers: int = 1,
     skip_empty: bool = False,
     progress: bool = True,
+    extra_metadata: Optional[Dict] = None,
 ) -> Dict:
     """Tokenize ``inputs`` into ``<output_prefix>_<key>_{document|sentence}.{bin,idx}``.
 
     Everything that can be checked up front (inputs exist, tokenizer loads and fits the request,
     output directory) is checked before anything is written; on any error the temporary files
-    are removed and existing outputs are left as they were. Returns a summary dict.
+    are removed and existing outputs are left as they were. Returns a summary dict (also written
+    to the .meta.json, with ``extra_metadata`` merged in).
     """
     files = check_inputs(inputs)
     tok = SentencePieceTokenizer(tokenizer_model)
@@ -135,6 +137,7 @@ def preprocess(
             "documents": writer.num_documents,
             "sequences": writer.num_sequences,
             "tokens": writer.num_tokens,
+            **(extra_metadata or {}),
         }
         writer.finalize(metadata=summary)
     except BaseException:
