@@ -154,7 +154,14 @@ class DeepSpeedEngine:
 
         from memopt.sharding import load_full_state_dict
 
-        full = torch.load(full_file, map_location="cpu", weights_only=False)
+        try:
+            full = torch.load(full_file, map_location="cpu", weights_only=False)
+            missing = [n for n, _ in self.engine.module.named_parameters() if n not in full["params"]]
+        except Exception as e:  # a truncated or foreign file: say which, before anything is changed
+            raise RuntimeError(f"cannot read {full_file}: {type(e).__name__}: {e}") from None
+        if missing:
+            raise RuntimeError(f"{full_file} has no weights for {len(missing)} parameters of this model "
+                               f"(e.g. {missing[0]!r}): it was written for another model")
         stage3 = self.engine.zero_optimization_stage() == 3
         for name, p in self.engine.module.named_parameters():
             value = full["params"][name]
