@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pretrain.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config that cannot be used; the message is one line saying what to fix."""
 
 

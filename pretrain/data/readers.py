@@ -20,10 +20,12 @@ import os
 import re
 from typing import Iterator, List, Sequence, Tuple
 
+from pretrain.errors import UserError
+
 TXT_MODES = ("document", "paragraph", "line")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message is a single line fit for ``error: <message>``."""
 
 

@@ -40,11 +40,13 @@ import socket
 import subprocess
 from typing import Mapping, MutableMapping
 
+from pretrain.errors import UserError
+
 _TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_PORT = 29500
 
 
-class LaunchEnvError(RuntimeError):
+class LaunchEnvError(UserError, RuntimeError):
     """The launcher's variables are inconsistent or the rendezvous address cannot be found."""
 
 

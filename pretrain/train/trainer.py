@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import RunConfig, dump_config
+from pretrain.errors import UserError
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .engines import build_engine, dist_rank, dist_world, select_engine_kind
 from .metrics import MetricsLogger, peak_memory_bytes
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
 
 
