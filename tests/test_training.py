@@ -55,7 +55,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, optimizer):
 
 
 def test_resume_auto_picks_the_latest_complete_checkpoint(tmp_path):
-    from pretrain.train.checkpoint import list_checkpoints, resolve_resume
+    from pretrain.checkpoint import list_checkpoints, resolve_resume
     from pretrain.train.tasks import GPT
     from pretrain.train.trainer import train
 

@@ -90,4 +90,8 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Without its own generator, DataLoader draws its workers' base seed from the global torch
+        # RNG each time an iterator is made: a resumed run would then draw dropout masks one
+        # step behind the uninterrupted run. The samples themselves are not random here.
+        generator=torch.Generator().manual_seed(0),
     )

@@ -15,39 +15,37 @@ A missing, truncated or corrupt file raises ``ExportError`` naming the file.
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-import pickle
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
+from pretrain.checkpoint import layout
+from pretrain.checkpoint import safe_load as checkpoint_safe_load
+from pretrain.errors import CheckpointError
+
 from .errors import ExportError
 
 
 def detect_format(ckpt: Path) -> str:
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise ExportError(f"{ckpt}: no such checkpoint directory")
-    if (ckpt / "model.pt").is_file():
-        return "torch"
-    if (ckpt / "dcp").is_dir():
-        return "dcp"
-    if (ckpt / "deepspeed").is_dir():
-        return "deepspeed"
-    raise ExportError(f"{ckpt}: neither model.pt, dcp/ nor deepspeed/ found: not a checkpoint of this framework")
+    with _as_export_error():
+        return layout.detect_format(ckpt)
 
 
 def safe_torch_load(path: Path):
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint file missing: {path}")
+    with _as_export_error():
+        return checkpoint_safe_load.safe_torch_load(path)
+
+
+@contextlib.contextmanager
+def _as_export_error():
+    """The checkpoint package's errors, as this package's one exception type."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / corrupt / contains code
-        raise ExportError(f"cannot read checkpoint file {path} (corrupt, truncated or not a weights file): "
-                          f"{type(e).__name__}: {_first_error_line(e)}") from None
+        yield
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_model_state(ckpt: Path) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -55,9 +53,9 @@ def load_model_state(ckpt: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     ckpt = Path(ckpt)
     fmt = detect_format(ckpt)
     if fmt == "torch":
-        sd = safe_torch_load(ckpt / "model.pt")
+        sd = safe_torch_load(ckpt / layout.MODEL_FILE)
     elif fmt == "dcp":
-        sd = _load_dcp(ckpt / "dcp")
+        sd = _load_dcp(ckpt / layout.DCP_DIR)
     else:
         sd = _load_deepspeed(ckpt)
     if not isinstance(sd, dict) or not sd:
@@ -74,53 +72,15 @@ def load_model_state(ckpt: Path) -> Tuple[Dict[str, torch.Tensor], str]:
 
 # -- FSDP2 / DCP ------------------------------------------------------------------------------
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Only DCP's metadata dataclasses, torch sizes/dtypes and plain containers."""
-
-    _ALLOWED_PREFIXES = ("torch.distributed.checkpoint.",)
-    _ALLOWED = {("torch", "Size"), ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"),
-                ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"), ("torch", "uint8"),
-                ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
-                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-                ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("pathlib", "PosixPath"),
-                ("torch.serialization", "_get_layout"), ("torch._utils", "_rebuild_tensor_v2"),
-                ("torch.storage", "_load_from_bytes")}
-
-    def find_class(self, module, name):
-        if module.startswith(self._ALLOWED_PREFIXES) or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from DCP metadata")
-
-
-def _safe_reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            meta_path = Path(self.path) / ".metadata"
-            try:
-                metadata = _MetadataUnpickler(io.BytesIO(meta_path.read_bytes())).load()
-            except Exception as e:
-                raise ExportError(f"cannot read DCP metadata {meta_path}: {type(e).__name__}: {e}") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(str(path))
-
-
 def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
     """The ``model`` part of a DCP checkpoint, in this process, without a process group."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    if not (path / ".metadata").is_file():
-        raise ExportError(f"{path}: DCP checkpoint without .metadata (incomplete)")
-    reader = _safe_reader(path)
-    metadata = reader.read_metadata()
+    reader = checkpoint_safe_load.safe_dcp_reader(path)
+    with _as_export_error():
+        metadata = reader.read_metadata()
     model_keys = [k for k in metadata.state_dict_metadata if k.startswith("model.")]
     if not model_keys:
         raise ExportError(f"{path}: DCP checkpoint has no 'model' entries")
@@ -132,51 +92,17 @@ def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
         raise ExportError(f"cannot read DCP checkpoint {path} (corrupt or truncated shard?): {type(e).__name__}: "
-                          f"{_first_error_line(e)}") from None
+                          f"{checkpoint_safe_load.first_error_line(e)}") from None
     model = sd.get("model")
     if not isinstance(model, dict):
         raise ExportError(f"{path}: DCP checkpoint has no 'model' state")
     return model
 
 
-def _first_error_line(e: BaseException) -> str:
-    """The innermost error line of an exception (DCP wraps per-rank tracebacks in its message)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    errs = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) or "Unsupported global" in ln]
-    return (errs[-1] if errs else lines[0] if lines else "")[:300]
-
-
 # -- DeepSpeed ----------------------------------------------------------------------------------
 
-class _SafeTorch:
-    """Stands in for the ``torch`` module inside DeepSpeed's zero_to_fp32: same, except that
-    ``load`` always uses ``weights_only=True``."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        try:
-            return torch.load(f, *args, **kwargs)
-        except Exception as e:
-            raise ExportError(f"cannot read DeepSpeed checkpoint file {f} (corrupt or truncated?): "
-                              f"{type(e).__name__}: {_first_error_line(e)}") from None
-
-
-def _deepspeed_safe_globals():
-    """DeepSpeed's plain data classes found in its checkpoint files: an enum, the loss scaler's
-    state holder and ZeRO-1/2's (numel, start) fragment record. Constructing them runs no code."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def _load_deepspeed(ckpt: Path) -> Dict[str, torch.Tensor]:
-    ds_dir = ckpt / "deepspeed"
+    ds_dir = ckpt / layout.DEEPSPEED_TAG
     files = sorted(p.name for p in ds_dir.glob("*model_states.pt"))
     if not files:
         raise ExportError(f"{ds_dir}: no DeepSpeed *model_states.pt files")
@@ -184,24 +110,21 @@ def _load_deepspeed(ckpt: Path) -> Dict[str, torch.Tensor]:
         import deepspeed.utils.zero_to_fp32 as z2f
     except ImportError:
         raise ExportError("reading a DeepSpeed checkpoint needs the deepspeed package") from None
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        states = safe_torch_load(ds_dir / files[0])
+    # zero_to_fp32 calls torch.load(weights_only=False): forced to weights_only in this block.
+    with _as_export_error(), checkpoint_safe_load.weights_only_torch_load():
+        states = torch.load(ds_dir / files[0], map_location="cpu")
         stage = _zero_stage(ds_dir)
         if stage == 0:
-            module = states.get("module")
+            module = states.get("module") if isinstance(states, dict) else None
             if not isinstance(module, dict):
                 raise ExportError(f"{ds_dir / files[0]}: no 'module' state")
             return module
-        original = z2f.torch
-        z2f.torch = _SafeTorch()
         try:
-            return z2f.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
-        except ExportError:
+            return z2f.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=layout.DEEPSPEED_TAG)
+        except (ExportError, CheckpointError):
             raise
         except Exception as e:
             raise ExportError(f"cannot merge the ZeRO-{stage} checkpoint in {ds_dir}: {type(e).__name__}: {e}") from None
-        finally:
-            z2f.torch = original
 
 
 def _zero_stage(ds_dir: Path) -> int:
@@ -209,7 +132,7 @@ def _zero_stage(ds_dir: Path) -> int:
     if not optim:
         return 0
     # The stage is recorded in the optimizer files; a small read of the first one.
-    sd = safe_torch_load(optim[0])
+    sd = torch.load(optim[0], map_location="cpu")  # inside weights_only_torch_load
     osd = sd.get("optimizer_state_dict", {}) if isinstance(sd, dict) else {}
     stage = osd.get("zero_stage", 0)
     return int(getattr(stage, "value", stage))

@@ -171,7 +171,7 @@ def result_file(spec: dict) -> str:
 def zeroshot(checkpoint_dir, limit):
     from pretrain.eval.runner import evaluate, summary
     from pretrain.eval.tasks import LOCAL_TASKS
-    from pretrain.train.checkpoint import list_checkpoints
+    from pretrain.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(Path(checkpoint_dir))
     if not ckpts:

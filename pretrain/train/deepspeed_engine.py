@@ -16,13 +16,16 @@ import torch
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
-from .engines import dist_rank, dist_world, optimizer_kwargs, use_fused_backward
+from pretrain.checkpoint.layout import DEEPSPEED_FULL_FILE, DEEPSPEED_TAG, DEEPSPEED_WORLD_FILE
+from pretrain.checkpoint.safe_load import safe_torch_load, weights_only_torch_load
+from pretrain.checkpoint.store import read_json
+from pretrain.errors import CheckpointError
+
+from .dist import dist_rank, dist_world
+from .engines import optimizer_kwargs, use_fused_backward
 from .schedule import build_scheduler
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
-_TAG = "deepspeed"
-_WORLD_FILE = "deepspeed_world.json"
-_FULL_FILE = "memopt_full.pt"  # memopt state by parameter name: resumes at any world size
 
 
 def deepspeed_config(cfg) -> dict:
@@ -113,9 +116,9 @@ class DeepSpeedEngine:
         return None
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=_TAG)
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if dist_rank() == 0:
-            (path / _WORLD_FILE).write_text(json.dumps({"world_size": dist_world()}))
+            (path / DEEPSPEED_WORLD_FILE).write_text(json.dumps({"world_size": dist_world()}))
         client = self._memopt_client
         if client is not None:
             # DeepSpeed saves the client's state per rank (world-size dependent). This copy, by
@@ -129,24 +132,27 @@ class DeepSpeedEngine:
             if dist_rank() == 0:
                 torch.save({"params": params, "optimizer": full, "scheduler": self.scheduler.state_dict(),
                             "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples},
-                           path / _FULL_FILE)
+                           path / DEEPSPEED_FULL_FILE)
 
     def load(self, path: Path) -> None:
-        saved = json.loads((path / _WORLD_FILE).read_text())["world_size"] if (path / _WORLD_FILE).is_file() else None
+        world_file = path / DEEPSPEED_WORLD_FILE
+        saved = read_json(world_file).get("world_size") if world_file.is_file() else None
         if saved is not None and saved != dist_world():
             return self._load_resharded(path, saved)
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=_TAG)
+        # DeepSpeed loads its files with weights_only=False: forced to weights_only here.
+        with weights_only_torch_load():
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+            raise CheckpointError(f"no DeepSpeed checkpoint under {path}/{DEEPSPEED_TAG}")
 
     def _load_resharded(self, path: Path, saved_world: int) -> None:
         """Resume a checkpoint written by ``saved_world`` ranks on this run's world size."""
-        full_file = path / _FULL_FILE
+        full_file = path / DEEPSPEED_FULL_FILE
         if self._memopt_client is None or not full_file.is_file():
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} was written by {saved_world} DeepSpeed ranks and this run has {dist_world()}: DeepSpeed "
                 "checkpoints resume at the same world size only (memopt optimizers under ZeRO >= 1 also write "
-                f"{_FULL_FILE}, which resumes anywhere; for torch optimizers convert with DeepSpeed's "
+                f"{DEEPSPEED_FULL_FILE}, which resumes anywhere; for torch optimizers convert with DeepSpeed's "
                 "ds_to_universal.py); restart with the original number of ranks"
             )
         import deepspeed
@@ -154,13 +160,13 @@ class DeepSpeedEngine:
 
         from memopt.sharding import load_full_state_dict
 
+        full = safe_torch_load(full_file)
         try:
-            full = torch.load(full_file, map_location="cpu", weights_only=False)
             missing = [n for n, _ in self.engine.module.named_parameters() if n not in full["params"]]
-        except Exception as e:  # a truncated or foreign file: say which, before anything is changed
-            raise RuntimeError(f"cannot read {full_file}: {type(e).__name__}: {e}") from None
+        except (KeyError, TypeError) as e:  # a foreign file: say which, before anything is changed
+            raise CheckpointError(f"{full_file}: not a {DEEPSPEED_FULL_FILE} file ({type(e).__name__}: {e})") from None
         if missing:
-            raise RuntimeError(f"{full_file} has no weights for {len(missing)} parameters of this model "
+            raise CheckpointError(f"{full_file} has no weights for {len(missing)} parameters of this model "
                                f"(e.g. {missing[0]!r}): it was written for another model")
         stage3 = self.engine.zero_optimization_stage() == 3
         for name, p in self.engine.module.named_parameters():
@@ -179,5 +185,5 @@ class DeepSpeedEngine:
         self.engine.global_steps = full["global_steps"]
         self.engine.global_samples = full["global_samples"]
         if dist_rank() == 0:
-            print(f"{path}: written by {saved_world} DeepSpeed ranks, resumed on {dist_world()} from {_FULL_FILE}",
+            print(f"{path}: written by {saved_world} DeepSpeed ranks, resumed on {dist_world()} from {DEEPSPEED_FULL_FILE}",
                   file=sys.stderr, flush=True)

@@ -11,25 +11,16 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
+from pretrain.checkpoint.layout import DCP_DIR, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_FULL_FILE, SCHEDULER_FILE
+from pretrain.checkpoint.safe_load import first_error_line, safe_dcp_reader, safe_torch_load
+from pretrain.errors import CheckpointError
+
+from .dist import dist_rank
 from .schedule import build_scheduler
-
-
-def dist_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def dist_world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def optimizer_kwargs(cfg) -> dict:
@@ -123,23 +114,16 @@ class Engine:
     # -- checkpoints: full (unsharded) model and optimizer state, written by rank 0 -----------
     def save(self, path: Path) -> None:
         if dist_rank() == 0:
-            torch.save(self.module.state_dict(), path / "model.pt")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            torch.save(self.module.state_dict(), path / MODEL_FILE)
+            torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), path / SCHEDULER_FILE)
 
     def load(self, path: Path) -> None:
-        self.module.load_state_dict(_load(path / "model.pt"))
-        self.optimizer.load_state_dict(_load(path / "optimizer.pt"))
-        self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
-
-
-def _load(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file missing: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or corrupt file: say which one
-        raise RuntimeError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
+        # Read every file before changing anything, so a bad file leaves the run untouched.
+        model, optim, sched = (safe_torch_load(path / f) for f in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE))
+        self.module.load_state_dict(model)
+        self.optimizer.load_state_dict(optim)
+        self.scheduler.load_state_dict(sched)
 
 
 class DDPEngine(Engine):
@@ -181,30 +165,45 @@ class FSDP2Engine(Engine):
 
             full = full_state_dict(self.optimizer, self.model)  # a collective: every rank calls it
             if dist_rank() == 0:
-                torch.save(full, path / "optimizer_full.pt")
-            dcp.save({"model": model_sd}, checkpoint_id=str(path / "dcp"))
+                torch.save(full, path / OPTIMIZER_FULL_FILE)
+            dcp.save({"model": model_sd}, checkpoint_id=str(path / DCP_DIR))
         else:
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / DCP_DIR))
         if dist_rank() == 0:
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            torch.save(self.scheduler.state_dict(), path / SCHEDULER_FILE)
 
     def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        sched = safe_torch_load(path / SCHEDULER_FILE)
+        reader = safe_dcp_reader(path / DCP_DIR)  # DCP's own reader unpickles .metadata unchecked
         if isinstance(self.optimizer, memopt.MemoptOptimizer):
             from memopt.sharding import load_full_state_dict
 
+            full = safe_torch_load(path / OPTIMIZER_FULL_FILE)
             state = {"model": model_sd}
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            _dcp_load(state, reader, path)
             set_model_state_dict(self.model, state["model"])
-            load_full_state_dict(self.optimizer, _load(path / "optimizer_full.pt"), self.model)
+            load_full_state_dict(self.optimizer, full, self.model)
         else:
             state = {"model": model_sd, "optimizer": optim_sd}
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            _dcp_load(state, reader, path)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
+        self.scheduler.load_state_dict(sched)
+
+
+def _dcp_load(state: dict, reader, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=reader)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+        raise CheckpointError(f"cannot read DCP checkpoint {path / DCP_DIR}: {type(e).__name__}: "
+                              f"{first_error_line(e)}") from None
 
 
 def _transformer_layers(model):

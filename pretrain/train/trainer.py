@@ -18,9 +18,13 @@ import torch.distributed as dist
 from pretrain.config import RunConfig, dump_config
 from pretrain.errors import UserError
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .engines import build_engine, dist_rank, dist_world, select_engine_kind
+from pretrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_of
+
+from .dist import dist_rank, dist_world
+from .engines import build_engine, select_engine_kind
 from .metrics import MetricsLogger, peak_memory_bytes
+from .resume import check_resumable, schedule_changes
+from .schedule import reapply_schedule
 
 
 class TrainingError(UserError, RuntimeError):
@@ -82,7 +86,9 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
     train_ds, valid_ds, _ = task.build_datasets(cfg, tokenizer, seq_length, num_samples)
 
     model = build_model(model_cfg, seed=cfg.train.seed).to(device)
-    resume_from = resolve_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    notes: list[str] = []  # said once the logger exists
+    resume_from = resolve_resume(cfg.checkpoint_dir, cfg.checkpoint.resume, warn=notes.append)
+    saved_cfg = check_resumable(resume_from, cfg, kind) if resume_from is not None else None
     if cfg.model.init_from and resume_from is None:
         _init_weights(model, cfg.model.init_from, model_cfg)  # before the engine shards parameters
     if cfg.train.precision == "bf16":
@@ -94,12 +100,20 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
         state = load_checkpoint(resume_from, engine)
         step, consumed = state["step"], state["consumed_samples"]
         tokens_seen, nonfinite_total = state["tokens"], state["nonfinite_skipped_steps"]
+        changes = schedule_changes(saved_cfg, cfg)
+        if changes:
+            notes.append("applied on resume: " + ", ".join(changes) + f"; the schedule is recomputed for this run "
+                         f"from step {step}")
+        if engine.lr is not None:
+            reapply_schedule(engine.scheduler, cfg.optimizer.lr)
 
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(dump_config(cfg))
     logger = MetricsLogger(out, rank == 0, cfg.train.steps, step, cfg.train.progress_bar and rank == 0)
+    for note in notes:
+        logger.warn(note)
     if rank == 0 and resume_from is not None:
         logger.warn(f"resumed from {resume_from} at step {step}")
 
@@ -115,7 +129,7 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
             cfg.checkpoint_dir, at_step, engine,
             dict(step=at_step, consumed_samples=consumed, tokens=tokens_seen,
                  nonfinite_skipped_steps=nonfinite_total, world_size=world, engine=kind),
-            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_last, config_json=dump_config(cfg),
         )
 
     try:
@@ -178,7 +192,7 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None) -> di
             logger.advance()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                 save(step)
-        if cfg.checkpoint.save_final and (resume_from is None or step > _step_of(resume_from)):
+        if cfg.checkpoint.save_final and (resume_from is None or step > step_of(resume_from)):
             save(step)
     finally:
         logger.close()
@@ -199,10 +213,6 @@ def _init_weights(model, source: str, model_cfg) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"model.init_from={source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[-1])
 
 
 @torch.no_grad()
