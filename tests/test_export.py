@@ -161,6 +161,7 @@ def test_validation_fails_on_a_permuted_weight(single, tmp_path, monkeypatch, ca
 def test_corrupt_checkpoints_are_refused_cleanly(single, exported, tmp_path, capsys):
     import convert_to_hf
 
+    from pretrain.checkpoint import write_manifest
     from pretrain.export import ExportError, load_model_state
     from pretrain.export.hf import load_hf
 
@@ -174,7 +175,8 @@ def test_corrupt_checkpoints_are_refused_cleanly(single, exported, tmp_path, cap
         load_model_state(bad)
     assert convert_to_hf.main([str(bad), str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read checkpoint file") and "Traceback" not in err
+    # the manifest's sizes and checksums catch it before any unpickling
+    assert err.startswith("error: ") and "model.pt: " in err and "manifest.json says" in err and "Traceback" not in err
 
     # a pickle that would run code is not executed
     class Evil:
@@ -182,7 +184,8 @@ def test_corrupt_checkpoints_are_refused_cleanly(single, exported, tmp_path, cap
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
     torch.save({"embedding.word_embeddings.weight": Evil()}, bad / "model.pt")
-    with pytest.raises(ExportError, match="model.pt"):
+    write_manifest(bad)  # as an attacker would: only the weights-only unpickling stands in the way
+    with pytest.raises(ExportError, match="cannot read checkpoint file .*model.pt"):
         load_model_state(bad)
     assert not (tmp_path / "pwned").exists()
 
@@ -211,6 +214,9 @@ def test_fsdp2_dcp_checkpoint_round_trips_without_its_world_size(single, tmp_pat
     # a truncated shard is refused with a clear error
     shard = sorted((ckpt / "dcp").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ExportError, match=f"{shard.name}: 100 bytes, manifest.json says"):
+        load_model_state(ckpt)
+    (ckpt / "manifest.json").unlink()  # a checkpoint from before manifests: DCP's read refuses it
     with pytest.raises(ExportError, match="DCP"):
         load_model_state(ckpt)
 

@@ -7,11 +7,12 @@ No process group and no knowledge of the world size that wrote the checkpoint is
   pickle, read here with an unpickler that only admits DCP's own metadata classes.
 - DeepSpeed stage 0: ``step_N/deepspeed/mp_rank_00_model_states.pt`` (``module``)
 - DeepSpeed ZeRO 1-3: the fp32 master partitions in ``*_optim_states.pt``, merged by DeepSpeed's
-  ``zero_to_fp32``; DeepSpeed calls ``torch.load(weights_only=False)`` there, so we run it with
-  ``torch.load`` forced to ``weights_only=True`` and only DeepSpeed's two plain data classes
-  (``ZeroStageEnum``, ``LossScaler``, ``fragment_address``) allow-listed: no arbitrary code can run.
+  ``zero_to_fp32``; DeepSpeed calls ``torch.load(weights_only=False)`` there, so it runs inside
+  ``pretrain.checkpoint.weights_only_torch_load`` (``weights_only=True`` forced, DeepSpeed's few
+  plain data classes allow-listed): no arbitrary code can run.
 
-A missing, truncated or corrupt file raises ``ExportError`` naming the file.
+The checkpoint's manifest (checksums) is verified first. A missing, truncated or corrupt file
+raises ``ExportError`` naming the file.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Dict, Tuple
 import torch
 
 from pretrain.checkpoint import layout
+from pretrain.checkpoint.manifest import verify_checkpoint
 from pretrain.checkpoint import safe_load as checkpoint_safe_load
 from pretrain.errors import CheckpointError
 
@@ -52,6 +54,9 @@ def load_model_state(ckpt: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     """``(state_dict, format)`` of the model in checkpoint directory ``ckpt`` (a ``step_N``)."""
     ckpt = Path(ckpt)
     fmt = detect_format(ckpt)
+    problem = verify_checkpoint(ckpt)  # checksums first: never convert a damaged checkpoint
+    if problem:
+        raise ExportError(f"{ckpt} fails verification: {problem}")
     if fmt == "torch":
         sd = safe_torch_load(ckpt / layout.MODEL_FILE)
     elif fmt == "dcp":
