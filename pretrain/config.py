@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,24 @@ class DataSection(_Section):
     split: str = "98,1,1"
     cache_dir: str = "data/cache"
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _split_number(cls, v):
+        # YAML reads data.split=100 as a number: a single-weight split.
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("split")
+    @classmethod
+    def _megatron_split(cls, v: str) -> str:
+        # megatron-core takes every run of digits and dots as a weight and normalizes by the sum,
+        # so anything else would silently become NaN ratios or a different split.
+        parts = re.split(r"[,/]", v)
+        if not (1 <= len(parts) <= 3 and all(re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*", p) for p in parts)):
+            raise ValueError(f"{v!r} is not 1 to 3 non-negative train,valid,test weights (e.g. '98,1,1' or '98/1/1')")
+        if sum(float(p) for p in parts) <= 0:
+            raise ValueError(f"{v!r}: the weights must not all be 0")
+        return v
 
 
 class OptimizerSection(_Section):
@@ -191,7 +210,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+def load_run_config(path: str | None, overrides: list[str] | None = None, kind: str | None = None) -> RunConfig:
+    """``kind`` (from a launcher that trains one model family) is the default of ``model.kind``
+    and must agree with it."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -210,12 +231,43 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    if kind is not None and isinstance(tree.get("model", {}), dict):
+        tree.setdefault("model", {}).setdefault("kind", kind)
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+    if kind is not None and cfg.model.kind != kind:
+        raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r}, but this launcher trains {kind} models "
+                          f"(use launch/pretrain_{cfg.model.kind}.py, or set model.kind={kind})")
     _check_files(cfg)
+    _check_model(cfg)
     return cfg
+
+
+def _check_model(cfg: RunConfig) -> None:
+    # Last: it imports the model package (megatron), which the checks above do not need.
+    from pretrain.models.config import PRESETS, ConfigFieldError, check_overrides, get_preset
+
+    m = cfg.model
+    if m.preset not in PRESETS[m.kind]:
+        close = difflib.get_close_matches(m.preset, sorted(PRESETS[m.kind]), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config key 'model.preset': unknown {m.kind} preset {m.preset!r}{hint}; "
+                          f"choose from {', '.join(sorted(PRESETS[m.kind]))}")
+    try:
+        m.overrides = check_overrides(m.kind, m.overrides)
+    except ConfigFieldError as e:
+        raise ConfigError(f"config key 'model.overrides.{e.field}': {e}") from None
+    # The architecture's own checks (divisible heads, positive sizes, a known attention backend),
+    # as the trainer will build it; the tokenizer's vocabulary size does not take part in them.
+    overrides = dict(m.overrides)
+    if cfg.train.seq_length:
+        overrides["seq_length"] = cfg.train.seq_length
+    try:
+        get_preset(m.preset, m.kind, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.overrides': {e}") from None
 
 
 def _check_files(cfg: RunConfig) -> None:

@@ -7,9 +7,9 @@
 The export writes config.json, model.safetensors and the tokenizer (tokenizer.json built from the
 sentencepiece model, ids verified identical, plus tokenizer.model), then reloads it with
 transformers and compares logits with the source model on a fixed batch: above --tol (max abs
-diff, fp32, default 1e-4) it exits with status 3. Unreadable/corrupt inputs exit with status 1.
+diff, fp32, default 1e-4) it exits with status 3. Unreadable/corrupt inputs and bad run configs
+exit with status 1 and one line `error: ...` (2 for a usage error); --debug shows the traceback.
 """
-import argparse
 import json
 import os
 import sys
@@ -21,7 +21,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from pretrain.cli_errors import ArgumentParser, add_debug_flag, run_cli
+
+    ap = ArgumentParser(prog="convert_to_hf.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="checkpoint dir (step_N) or, with --reverse, a GPT2LMHeadModel dir")
     ap.add_argument("out", help="output dir")
     ap.add_argument("--reverse", action="store_true", help="HF GPT-2 -> checkpoint of this framework")
@@ -29,10 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="sentencepiece model (default: the run config's data.tokenizer)")
     ap.add_argument("--config", help="--reverse: YAML run config the imported checkpoint will be trained with")
     ap.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="--reverse: dotted run-config overrides")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
 
-    from pretrain.export.errors import ExportError
+
+def _run(args) -> int:
+    from pretrain.cli_errors import CommandError
     from pretrain.export.hf import ValidationError, export, import_gpt2
 
     try:
@@ -41,11 +47,7 @@ def main(argv=None) -> int:
         else:
             res = export(args.src, args.out, args.run_config, args.tokenizer, args.tol).to_dict()
     except ValidationError as e:
-        print(f"error: validation failed: {e}", file=sys.stderr)
-        return 3
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"validation failed: {e}", exit_code=3) from e
     print(json.dumps(res))
     print(f"ok: max abs logit diff {res['max_abs_diff']:.2e} <= {res['tol']:.0e}", file=sys.stderr)
     return 0

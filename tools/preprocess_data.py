@@ -13,7 +13,7 @@ BERT (one sequence per sentence; the tokenizer needs [CLS]/[SEP]/[MASK]):
 
 The files are what megatron.core.datasets.IndexedDataset reads (Megatron-LM compatible). A
 <prefix>.meta.json next to them records the tokenizer. Bad input stops with a one-line error and
-leaves earlier outputs untouched.
+leaves earlier outputs untouched (exit status 1; 2 for a usage error); --debug shows the traceback.
 """
 
 import argparse
@@ -22,12 +22,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pretrain.cli_errors import ArgumentParser, CommandError, add_debug_flag, run_cli  # noqa: E402
 from pretrain.data.preprocess import preprocess  # noqa: E402
-from pretrain.data.readers import TXT_MODES, DataError  # noqa: E402
+from pretrain.data.readers import TXT_MODES  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="preprocess_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="files (.jsonl/.json/.txt, optionally .gz, or .parquet) or directories")
     p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
@@ -43,11 +44,17 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # SystemExit("error: ..."): the tests and callers of main() read the message from it.
+    return run_cli(lambda: _run(args), debug=args.debug, raise_exit=True)
+
+
+def _run(args):
     try:
         summary = preprocess(
             args.input,
@@ -61,10 +68,8 @@ def main(argv=None):
             skip_empty=args.skip_empty,
             progress=not args.quiet,
         )
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
-        raise SystemExit("error: interrupted (no output written)")
+        raise CommandError("interrupted (no output written)") from None
     print(f"wrote {summary['prefix']}.bin/.idx: {summary['documents']} documents, "
           f"{summary['sequences']} sequences, {summary['tokens']} tokens")
     return summary

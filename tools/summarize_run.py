@@ -3,29 +3,36 @@
 loss-curve PNG.
 
     python tools/summarize_run.py runs/quickstart            # writes runs/quickstart/loss_curve.png
+
+A directory without logged training loss is one line `error: ...` (exit status 1); --debug shows
+the traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pretrain.cli_errors import ArgumentParser, CommandError, add_debug_flag, run_cli  # noqa: E402
 
 
 def load_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise SystemExit(f"error: no metrics.jsonl in {run_dir} (is it a training output_dir?)")
+        raise CommandError(f"no metrics.jsonl in {run_dir} (is it a training output_dir?)")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise SystemExit(f"error: {path}:{i} is not valid JSON") from None
+                raise CommandError(f"{path}:{i} is not valid JSON") from None
     if not any("loss" in r for r in rows):
-        raise SystemExit(f"error: {path} holds no logged training loss yet")
+        raise CommandError(f"{path} holds no logged training loss yet")
     return rows
 
 
@@ -66,14 +73,22 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="summarize_run.py", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--png", type=Path, help="where to write the loss curve (default: RUN_DIR/loss_curve.png)")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args) -> int:
     rows = load_metrics(args.run_dir)
     s = summarize(rows)
     png = args.png or args.run_dir / "loss_curve.png"
-    plot(rows, png, f"{args.run_dir.name}: loss")
+    try:
+        plot(rows, png, f"{args.run_dir.name}: loss")
+    except OSError as e:
+        raise CommandError(f"cannot write {png}: {e.strerror or e}") from None
     print(f"steps           {s['steps']}")
     print(f"loss            {s['first_loss']:.3f} -> {s['last_loss']:.3f} (drop {s['loss_drop']:.3f})")
     if s["last_val_loss"] is not None:

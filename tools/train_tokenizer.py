@@ -5,7 +5,8 @@
         --vocab-size 8192 --model-type bpe --bert-special-tokens
 
 Writes <prefix>.model and <prefix>.vocab. Special ids are fixed: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>
-(end of document), and with --bert-special-tokens 4 [CLS], 5 [SEP], 6 [MASK].
+(end of document), and with --bert-special-tokens 4 [CLS], 5 [SEP], 6 [MASK]. Bad input is one
+line `error: ...` (exit status 1; 2 for a usage error); --debug shows the traceback.
 """
 
 import argparse
@@ -14,12 +15,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.readers import TXT_MODES, DataError, iter_documents  # noqa: E402
+from pretrain.cli_errors import ArgumentParser, add_debug_flag, run_cli  # noqa: E402
+from pretrain.data.readers import TXT_MODES, iter_documents  # noqa: E402
 from pretrain.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train_tokenizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="files (.jsonl/.json/.txt, optionally .gz, or .parquet) or directories")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
@@ -37,28 +39,31 @@ def parse_args(argv=None):
                    help="train on at most this many lines (the first ones)")
     p.add_argument("--character-coverage", type=float, default=0.9999)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        docs = (text for _, text in iter_documents(
-            args.input, args.json_key, args.txt_mode, skip_empty=args.skip_empty))
-        path = train_sentencepiece(
-            docs,
-            args.output_prefix,
-            vocab_size=args.vocab_size,
-            model_type=args.model_type,
-            bert_special_tokens=args.bert_special_tokens,
-            byte_fallback=args.byte_fallback,
-            character_coverage=args.character_coverage,
-            max_sentences=args.max_sentences,
-            num_threads=args.threads,
-        )
-        tok = SentencePieceTokenizer(path)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    # SystemExit("error: ..."): the tests and callers of main() read the message from it.
+    run_cli(lambda: _run(args), debug=args.debug, raise_exit=True)
+
+
+def _run(args):
+    docs = (text for _, text in iter_documents(
+        args.input, args.json_key, args.txt_mode, skip_empty=args.skip_empty))
+    path = train_sentencepiece(
+        docs,
+        args.output_prefix,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        bert_special_tokens=args.bert_special_tokens,
+        byte_fallback=args.byte_fallback,
+        character_coverage=args.character_coverage,
+        max_sentences=args.max_sentences,
+        num_threads=args.threads,
+    )
+    tok = SentencePieceTokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, {args.model_type}, "
           f"bert tokens: {'yes' if tok.has_bert_tokens else 'no'}, sha256 {tok.sha256[:12]})")
 

@@ -1,13 +1,27 @@
-"""Run lm-eval on an HF export (``hf`` model) or on a checkpoint in memory (``MegatronGPTLM``)."""
+"""Run lm-eval on an HF export (``hf`` model) or on a checkpoint in memory (``MegatronGPTLM``).
+
+Bad input (a missing or foreign model directory, an unknown task, a task whose data is not
+available offline, a non-positive limit) raises ``EvalError`` or ``ExportError`` with one line,
+before any model is loaded where it can be checked up front.
+"""
 from __future__ import annotations
 
+import difflib
+import json
 import os
+from pathlib import Path
 from typing import Optional, Sequence
+
+from pretrain.errors import UserError
 
 from .tasks import LOCAL_TASKS, task_manager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation request that cannot run; the message says what to fix."""
 
 
 def build_checkpoint_lm(checkpoint: str, run_config: Optional[str] = None, tokenizer: Optional[str] = None,
@@ -32,12 +46,24 @@ def evaluate(tasks: Sequence[str] = LOCAL_TASKS, hf: Optional[str] = None, check
     """lm-eval ``simple_evaluate`` on exactly one of ``hf`` (an export dir), ``checkpoint`` or
     ``lm``. Local task names (``heldout_*``) are resolved from the shipped YAMLs; any other name
     is passed to lm-eval as is (standard tasks need their data available)."""
-    import lm_eval
-
     if sum(x is not None for x in (hf, checkpoint, lm)) != 1:
         raise ValueError("give exactly one of hf=, checkpoint=, lm=")
+    tasks = list(tasks)
+    if not tasks:
+        raise EvalError("no tasks given")
+    if limit is not None and limit <= 0:
+        raise EvalError(f"limit must be a positive number of documents per task, got {limit}")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvalError(f"include path {include_path}: no such directory")
+    if hf is not None:
+        check_export(hf)
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise EvalError(f"checkpoint {checkpoint}: no such directory")
+
+    import lm_eval
+
     tm = task_manager(include_path, tasks)
-    kw = dict(tasks=list(tasks), task_manager=tm, limit=limit, log_samples=False, bootstrap_iters=0,
+    kw = dict(tasks=load_tasks(tm, tasks), task_manager=tm, limit=limit, log_samples=False, bootstrap_iters=0,
               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if hf is not None:
         # batch_size=1: no padding, so the hf route's arithmetic matches the in-memory route's
@@ -46,6 +72,46 @@ def evaluate(tasks: Sequence[str] = LOCAL_TASKS, hf: Optional[str] = None, check
     if lm is None:
         lm = build_checkpoint_lm(checkpoint, run_config, tokenizer, batch_size)
     return lm_eval.simple_evaluate(model=lm, **kw)
+
+
+def check_export(path: str) -> None:
+    """A directory lm-eval's ``hf`` model can load as a causal LM, checked without loading it
+    (transformers' own errors for these cases are long and name no fix)."""
+    from pretrain.export.errors import ExportError
+
+    d = Path(path)
+    if not d.is_dir():
+        raise ExportError(f"export {path}: no such directory")
+    try:
+        arch = json.loads((d / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise ExportError(f"export {path}: no readable config.json (is it the output of tools/convert_to_hf.py?)") from None
+    if not any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in arch):
+        raise ExportError(f"export {path}: {', '.join(arch) or 'no architecture'} is not a causal LM; "
+                          "zero-shot evaluation needs a GPT export")
+    if not any((d / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ExportError(f"export {path}: no model.safetensors")
+
+
+def load_tasks(tm, names: Sequence[str]) -> list:
+    """lm-eval Task/Group objects for ``names``, loaded before the model so that an unknown name or
+    a dataset that is not available offline is one line naming the task. simple_evaluate accepts
+    them in place of the names, so nothing is loaded twice."""
+    out = []
+    for name in names:
+        if name not in tm.all_tasks and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+            close = difflib.get_close_matches(name, tm.all_tasks, n=3)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise EvalError(f"unknown task {name!r}{hint}; local tasks: {', '.join(LOCAL_TASKS)}")
+        try:
+            got = tm.load([name])
+        except (OSError, ImportError) as e:  # datasets' offline and not-found errors are OSErrors
+            raise EvalError(f"task {name!r}: cannot load its data ({type(e).__name__}: {e}); standard lm-eval "
+                            "tasks need their dataset in the local Hugging Face cache (evaluation runs offline)") from None
+        obj = got["groups"].get(name, got["tasks"].get(name))
+        # A tag or a YAML path has no object of its own name: lm-eval loads it again from the name.
+        out.append(obj if obj is not None else name)
+    return out
 
 
 def results_table(results: dict) -> str:

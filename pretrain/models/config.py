@@ -9,6 +9,8 @@ config (and one checkpoint) serves every TP layout.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -123,6 +125,57 @@ def preset_names(kind: str) -> list:
     return sorted(PRESETS[kind])
 
 
+class ConfigFieldError(ValueError):
+    """An override that the config class does not accept; ``field`` names it (so a run config can
+    report the full key, ``model.overrides.<field>``)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+
+
+def _accepts(hint, value) -> bool:
+    if typing.get_origin(hint) is Union:
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # bool is an int to isinstance, never to a config
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "None" if hint is type(None) else hint.__name__
+
+
+def check_overrides(kind: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """``overrides`` checked against the kind's config class: ``ConfigFieldError`` for the first
+    one that is not a field or has the wrong type (the dataclass itself would take a string for
+    an int and fail much later, or raise a TypeError that names no field). Returned with float
+    fields given as strings converted: YAML 1.1 reads ``1e-6`` (no dot) as a string."""
+    cls = GPTConfig if kind == "gpt" else BertConfig
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=2)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ConfigFieldError(key, f"{key!r} is not a field of {cls.__name__}{hint}; valid fields: {', '.join(valid)}")
+        if hints[key] is float and isinstance(value, str):
+            try:
+                value = out[key] = float(value)
+            except ValueError:
+                pass
+        if not _accepts(hints[key], value):
+            raise ConfigFieldError(key, f"{key!r} must be {_type_name(hints[key])} (got {value!r})")
+    return out
+
+
 def get_preset(name: str, kind: Optional[str] = None, **overrides) -> Union[GPTConfig, BertConfig]:
     """A config from a named preset, e.g. ``get_preset("demo", "gpt", vocab_size=8000)``.
 
@@ -140,7 +193,10 @@ def get_preset(name: str, kind: Optional[str] = None, **overrides) -> Union[GPTC
     if kind not in PRESETS:
         raise ValueError(f"kind must be 'gpt' or 'bert', got {kind!r}")
     if name not in PRESETS[kind]:
-        raise ValueError(f"unknown {kind} preset {name!r}; choose from {preset_names(kind)}")
+        close = difflib.get_close_matches(name, preset_names(kind), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {kind} preset {name!r}{hint}; choose from {', '.join(preset_names(kind))}")
+    overrides = check_overrides(kind, overrides)
     cls = GPTConfig if kind == "gpt" else BertConfig
     return cls(**{**PRESETS[kind][name], **overrides})
 

@@ -4,14 +4,18 @@
     torchrun --nproc_per_node 2 launch/pretrain_gpt.py --config ... engine.kind=fsdp2
     deepspeed --num_gpus 2 launch/pretrain_gpt.py --config configs/gpt_demo_zero2.yaml
 
-Config errors are reported in one line before any work starts (exit status 2).
+A usage, launch or config error is one line before any work starts (exit status 2); an expected
+failure during the run (bad data, a corrupt checkpoint, a diverging loss) is one line with exit
+status 1. ``--debug`` prints the traceback instead. Under a multi-process launcher every rank
+reports its own error.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+
+from pretrain.cli_errors import ArgumentParser, add_debug_flag, run_cli
 
 
 def _setup_cpu_environment() -> None:
@@ -28,35 +32,40 @@ def _setup_cpu_environment() -> None:
 
 
 def main(argv: list[str] | None, kind: str) -> int:
-    ap = argparse.ArgumentParser(prog=f"pretrain_{kind}.py", description=f"Pretrain a Megatron-style {kind.upper()}.")
-    ap.add_argument("--config", help="YAML run config (see configs/)")
+    ap = ArgumentParser(prog=f"pretrain_{kind}.py", description=f"Pretrain a Megatron-style {kind.upper()}.")
+    ap.add_argument("--config", help="YAML run config (see configs/); required")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     args = ap.parse_args(argv)
-    _setup_cpu_environment()
-    from pretrain.train.launch_env import configure_from_cli
+    if not args.config:
+        # Without one the defaults would quietly train the demo model into runs/default.
+        ap.error(f"--config is required (e.g. --config configs/{kind}_demo.yaml)")
 
-    configure_from_cli()  # RANK/WORLD_SIZE/MASTER_ADDR from MPI or srun variables when a launcher did not set them
+    from pretrain.config import ConfigError
+    from pretrain.train.launch_env import LaunchEnvError
+
+    return run_cli(lambda: _run(args, kind), debug=args.debug, usage=(ConfigError, LaunchEnvError),
+                   also=(ValueError, FileNotFoundError))
+
+
+def _run(args, kind: str) -> int:
+    _setup_cpu_environment()
+    from pretrain.train.launch_env import setup_launch_env
+
+    setup_launch_env()  # RANK/WORLD_SIZE/MASTER_ADDR from MPI or srun variables when a launcher did not set them
     if args.local_rank is not None:  # only the deepspeed launcher passes --local_rank
         os.environ["MEMOPT_LAUNCHED_BY_DEEPSPEED"] = "1"
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
-    from pretrain.config import ConfigError, load_run_config
+    from pretrain.config import load_run_config
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, args.overrides, kind=kind)
 
     from pretrain.train.tasks import TASKS
-    from pretrain.train.trainer import TrainingError, train
+    from pretrain.train.trainer import train
 
-    try:
-        summary = train(cfg, TASKS[kind])
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = train(cfg, TASKS[kind])
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"summary": summary}))
     return 0

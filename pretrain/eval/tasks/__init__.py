@@ -1,6 +1,7 @@
 """Local lm-eval tasks (YAML + JSONL data) built from held-out text; see pretrain/eval/build_tasks.py."""
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -24,9 +25,18 @@ def materialize(dest: str | None = None) -> str:
 
 
 def task_manager(include_path: str | None = None, tasks=LOCAL_TASKS):
-    """A TaskManager that knows the local tasks; lm-eval's own task index (thousands of YAMLs,
-    slow to scan) is added only when ``tasks`` names something that is not local."""
+    """A TaskManager that knows the local tasks and those under ``include_path``; lm-eval's own
+    task index (thousands of YAMLs, slow to scan) is added only when ``tasks`` names something
+    that is not local."""
+    defaults = any(t not in LOCAL_TASKS and t != "heldout" for t in tasks)
+    return _task_manager(include_path, defaults)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, defaults: bool):
+    # Cached: scanning lm-eval's index takes seconds, and a manager builds fresh Task objects on
+    # every load, so one per process is enough.
     from lm_eval.tasks import TaskManager
 
-    defaults = any(t not in LOCAL_TASKS and t != "heldout" for t in tasks)
-    return TaskManager(include_path=include_path or materialize(), include_defaults=defaults)
+    paths = [materialize()] + ([include_path] if include_path else [])
+    return TaskManager(include_path=paths, include_defaults=defaults)
