@@ -320,7 +320,7 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
     ``output_dir=out_dir``) continues pretraining from the HF weights. Validated: our model with
     the converted weights must give the HF model's logits within ``tol``."""
     from pretrain.config import dump_config, load_run_config
-    from pretrain.train.engines import Engine
+    from pretrain.train.engines import SingleEngine
 
     hf = load_hf(hf_dir, "GPT2LMHeadModel")
     cfg = gpt_config_from_hf(hf.config)
@@ -343,7 +343,7 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
     full_overrides = dict(run_cfg.model.overrides)
     run_cfg.model.overrides = full_overrides
     train_model = build_source_model(cfg, sd).train()
-    engine = Engine(train_model, run_cfg)
+    engine = SingleEngine(train_model, run_cfg)
     step_dir = Path(out_dir) / "checkpoints" / "step_00000000"
     step_dir.mkdir(parents=True, exist_ok=True)
     engine.save(step_dir)

@@ -23,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+from pretrain.train.callbacks import Callback
+
 _PARAM_NAMES: dict[int, str] = {}
 
 
@@ -101,40 +103,39 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+class StudyProbe(Callback):
+    """The study's hooks into the trainer: remember parameter names (GaLore picks its matrices
+    by name) and time every optimizer step (wall and process CPU time)."""
+
+    def __init__(self):
+        self.stamps: list[tuple[float, float]] = []
+
+    def on_model_built(self, trainer, model) -> None:
+        _PARAM_NAMES.update({id(p): n for n, p in model.named_parameters()})
+
+    def post_train_batch(self, trainer, metrics) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+
 def run(spec: dict) -> dict:
     from pretrain.config import load_run_config
-    from pretrain.train import trainer
     from pretrain.train.tasks import TASKS
+    from pretrain.train.trainer import Trainer, TrainingError
 
     cfg = load_run_config(spec["config"], list(spec["overrides"]))
     out = Path(cfg.output_dir)
-    captured, stamps = {}, []
-    original = trainer.build_engine
-
-    def build_engine(model, cfg_, kind):  # keep the engine, to read the optimizer state at the end
-        _PARAM_NAMES.update({id(p): n for n, p in model.named_parameters()})
-        captured["engine"] = engine = original(model, cfg_, kind)
-        step = engine.step
-
-        def timed_step():  # wall and process CPU time after every optimizer step
-            step()
-            stamps.append((time.perf_counter(), time.process_time()))
-
-        engine.step = timed_step
-        return engine
-
-    trainer.build_engine = build_engine
+    probe = StudyProbe()
+    trainer = Trainer(cfg, TASKS[spec["task"]], callbacks=[probe])
+    stamps = probe.stamps
     result = dict(spec)
     t0 = time.perf_counter()
     try:
-        result["summary"] = trainer.train(cfg, TASKS[spec["task"]])
+        result["summary"] = trainer.fit()
         result["failed"] = False
-    except trainer.TrainingError as e:
+    except TrainingError as e:
         result.update(failed=True, error=str(e), summary=None)
-    finally:
-        trainer.build_engine = original
     result["train_wall_s"] = time.perf_counter() - t0
-    engine = captured.get("engine")
+    engine = trainer.engine
     if engine is not None:
         result["optimizer_state_bytes"] = state_bytes(engine.optimizer)
         result["adapprox_mean_rank"] = adapprox_mean_rank(engine.optimizer)

@@ -34,3 +34,12 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist_world()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_ranks_mean(x: float) -> float:
+    """The mean of a number over the ranks (float64, so it does not depend on the reduce order)."""
+    if dist_world() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist_world()

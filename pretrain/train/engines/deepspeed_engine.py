@@ -21,9 +21,9 @@ from pretrain.checkpoint.safe_load import safe_torch_load, weights_only_torch_lo
 from pretrain.checkpoint.store import read_json
 from pretrain.errors import CheckpointError
 
-from .dist import dist_rank, dist_world
-from .engines import optimizer_kwargs, use_fused_backward
-from .schedule import build_scheduler
+from ..dist import dist_rank, dist_world
+from ..schedule import build_scheduler
+from .base import Engine, optimizer_kwargs, use_fused_backward
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
 
@@ -61,7 +61,7 @@ def deepspeed_config(cfg) -> dict:
     return ds
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg):
@@ -97,12 +97,14 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def backward(self, loss: torch.Tensor, recompute_loss=None) -> None:
+    def backward(self, loss: torch.Tensor, recompute_loss, accum: int) -> None:
+        # DeepSpeed divides by the accumulation steps and applies its loss scale itself, and
+        # applies the update (and the schedule) at accumulation boundaries.
         self.engine.backward(loss)
-        self.engine.step()  # DeepSpeed applies the update (and the schedule) at accumulation boundaries
+        self.engine.step()
 
-    def step(self) -> None:
-        pass
+    def apply_update(self) -> None:
+        pass  # done by the last micro-batch's engine.step()
 
     def skip_step(self) -> None:
         self.engine.zero_grad()
@@ -111,7 +113,7 @@ class DeepSpeedEngine:
     def _memopt_client(self):
         """The memopt optimizer on ZeRO partitions (None for torch optimizers or ZeRO stage 0)."""
         opt = self.optimizer if isinstance(self.optimizer, memopt.MemoptOptimizer) else getattr(self.optimizer, "optimizer", None)
-        if isinstance(opt, memopt.MemoptOptimizer) and opt._fragments:
+        if isinstance(opt, memopt.MemoptOptimizer) and opt.fragments:
             return opt
         return None
 
@@ -125,7 +127,7 @@ class DeepSpeedEngine:
             # parameter name at full shapes, is what resumes at another world size.
             from deepspeed.utils import safe_get_full_fp32_param
 
-            from memopt.sharding import full_state_dict
+            from memopt.checkpoint import full_state_dict
 
             params = {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self.engine.module.named_parameters()}
             full = full_state_dict(client, self.engine.module)  # collectives: every rank calls them
@@ -158,7 +160,7 @@ class DeepSpeedEngine:
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        from memopt.sharding import load_full_state_dict
+        from memopt.checkpoint import load_full_state_dict
 
         full = safe_torch_load(full_file)
         try:

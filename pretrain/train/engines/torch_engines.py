@@ -1,12 +1,6 @@
-"""Engines: how a model and its optimizer are run on one or many processes.
-
-The model knows nothing of these; an engine wraps it from outside (single process, DDP, FSDP2
-or DeepSpeed), owns the optimizer and LR schedule, and knows how to save and load them. The
-trainer only calls ``backward``, ``step``, ``skip_step``, ``save`` and ``load``.
-"""
+"""The torch engines: single process, DDP and FSDP2 (they differ in wrapping and checkpoints)."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -14,58 +8,17 @@ import torch
 
 import memopt
 from memopt.registry import FUSED_BACKWARD
-
 from pretrain.checkpoint.layout import DCP_DIR, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_FULL_FILE, SCHEDULER_FILE
 from pretrain.checkpoint.safe_load import first_error_line, safe_dcp_reader, safe_torch_load
 from pretrain.errors import CheckpointError
 
-from .dist import dist_rank
-from .schedule import build_scheduler
+from ..dist import dist_rank
+from ..schedule import build_scheduler
+from .base import Engine, optimizer_kwargs, use_fused_backward
 
 
-def optimizer_kwargs(cfg) -> dict:
-    """Hyperparameters for memopt.create_optimizer from the run config."""
-    kw = dict(cfg.optimizer.hparams)
-    kw["lr"] = cfg.optimizer.lr
-    if cfg.optimizer.name == "adafactor":
-        # The run's schedule drives the lr; Adafactor's own time-dependent relative step is
-        # there for those who ask for it (hparams: {relative_step: true}, lr then ignored).
-        kw.setdefault("relative_step", False)
-        if kw["relative_step"]:
-            kw["lr"] = None
-    # Fused-backward optimizers clip inside backward (two-pass); the others are clipped by the engine.
-    if cfg.optimizer.name in FUSED_BACKWARD and cfg.train.clip_grad_norm is not None:
-        kw.setdefault("clip_grad_norm", cfg.train.clip_grad_norm)
-    return kw
-
-
-def use_fused_backward(cfg, engine_supports_it: bool = True, engine_name: str = "single") -> bool:
-    """Fused backward is the default for lomo/adalomo where the engine supports it; with gradient
-    accumulation it falls back to ordinary steps (documented), unless the user forced it on,
-    which is an error (as is forcing it on an engine without it)."""
-    if cfg.optimizer.name not in FUSED_BACKWARD or cfg.optimizer.fused_backward == "off":
-        return False
-    forced = cfg.optimizer.fused_backward == "on"
-    if not engine_supports_it:
-        if forced:
-            raise ValueError(
-                f"optimizer.fused_backward=on is not supported with engine.kind={engine_name}; use auto or off "
-                "(the optimizer then runs ordinary steps, with the same update)"
-            )
-        return False
-    if cfg.train.grad_accum_steps > 1:
-        if forced:
-            raise ValueError(
-                "optimizer.fused_backward=on cannot be combined with train.grad_accum_steps > 1: the fused "
-                "update runs inside every micro-batch's backward; set fused_backward=auto to fall back to "
-                "ordinary steps"
-            )
-        return False
-    return True
-
-
-class Engine:
-    """Single process; also the base of DDP and FSDP2 (they differ in wrapping and checkpoints)."""
+class SingleEngine(Engine):
+    """Single process; also the base of DDP and FSDP2."""
 
     name = "single"
     # Whether parameters may be updated inside backward under this engine.
@@ -88,18 +41,13 @@ class Engine:
     def wrap(self, model):
         return model
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def backward(self, loss: torch.Tensor, recompute_loss=None) -> None:
-        """``recompute_loss`` re-runs the forward of this micro-batch (fused two-pass clipping)."""
+    def backward(self, loss, recompute_loss, accum: int) -> None:
         if self.fused:
-            self.optimizer.fused_backward(loss, recompute_loss=recompute_loss)
+            self.optimizer.fused_backward(loss / accum, recompute_loss=lambda: recompute_loss() / accum)
         else:
-            loss.backward()
+            (loss / accum).backward()
 
-    def step(self) -> None:
+    def apply_update(self) -> None:
         if not self.fused:
             if self._clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._clip)
@@ -108,7 +56,6 @@ class Engine:
         self.scheduler.step()
 
     def skip_step(self) -> None:
-        """Drop this step's gradients (non-finite loss); the schedule does not advance."""
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- checkpoints: full (unsharded) model and optimizer state, written by rank 0 -----------
@@ -126,7 +73,7 @@ class Engine:
         self.scheduler.load_state_dict(sched)
 
 
-class DDPEngine(Engine):
+class DDPEngine(SingleEngine):
     name = "ddp"
     # A fused update must see the averaged gradient, which DDP only has in its bucket buffers
     # after the all-reduce (memopt.integrations.ddp has a comm-hook route, but those buffers
@@ -139,7 +86,7 @@ class DDPEngine(Engine):
         return DistributedDataParallel(model)
 
 
-class FSDP2Engine(Engine):
+class FSDP2Engine(SingleEngine):
     name = "fsdp2"
 
     def wrap(self, model):
@@ -161,7 +108,7 @@ class FSDP2Engine(Engine):
         if isinstance(self.optimizer, memopt.MemoptOptimizer):
             # memopt keeps row factors for local rows only (plain tensors DCP would take for
             # replicated): save its state by parameter name at full shapes instead.
-            from memopt.sharding import full_state_dict
+            from memopt.checkpoint import full_state_dict
 
             full = full_state_dict(self.optimizer, self.model)  # a collective: every rank calls it
             if dist_rank() == 0:
@@ -179,7 +126,7 @@ class FSDP2Engine(Engine):
         sched = safe_torch_load(path / SCHEDULER_FILE)
         reader = safe_dcp_reader(path / DCP_DIR)  # DCP's own reader unpickles .metadata unchecked
         if isinstance(self.optimizer, memopt.MemoptOptimizer):
-            from memopt.sharding import load_full_state_dict
+            from memopt.checkpoint import load_full_state_dict
 
             full = safe_torch_load(path / OPTIMIZER_FULL_FILE)
             state = {"model": model_sd}
@@ -214,26 +161,3 @@ def _transformer_layers(model):
                 return list(m.layers)
         return []
     return list(layers)
-
-
-def select_engine_kind(cfg) -> str:
-    kind = cfg.engine.kind
-    if kind != "auto":
-        return kind
-    if os.environ.get("MEMOPT_LAUNCHED_BY_DEEPSPEED") == "1":
-        return "deepspeed"
-    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
-
-
-def build_engine(model, cfg, kind: str):
-    if kind == "single":
-        return Engine(model, cfg)
-    if kind == "ddp":
-        return DDPEngine(model, cfg)
-    if kind == "fsdp2":
-        return FSDP2Engine(model, cfg)
-    if kind == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg)
-    raise ValueError(f"unknown engine {kind!r}")
