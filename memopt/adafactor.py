@@ -14,8 +14,8 @@ import math
 import torch
 
 from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
-from .sharding import Reducer
 from .factored import (
+    add_factor_partials,
     apply_factored_update,
     apply_weight_decay,
     as_matrices,
@@ -23,7 +23,9 @@ from .factored import (
     commit_factors,
     factored_stats,
     factored_update_into,
+    sharded_factors,
 )
+from .sharding import Reducer
 
 
 def decay_beta(step: int, decay_rate: float) -> float:
@@ -71,17 +73,13 @@ class FactoredSecondMoment(MemoptOptimizer):
             g2 = g.square()
             d = h[id(u)] = {"g2": g2}
             if L.factored:
-                d["col"] = red.add(L.col_sums(g2))
-                if not L.rows_complete:
-                    d["row"] = red.add(L.row_sums(g2))
-                if L.row_sharded:
-                    d["rsum"] = red.add(L.matrix_row_sums(u.state["exp_avg_sq_row"]))
+                d["fac"] = add_factor_partials(L, red, g2, u.state["exp_avg_sq_row"])
             else:
                 d["tot"] = red.add(g2.sum())
             if u.group["scale_parameter"]:
                 d["w2"] = red.add(u.param.square().sum())
         red.run()
-        ok = all_finite([red.get(h[id(u)]["col" if u.layout.factored else "tot"]) for u in units])
+        ok = all_finite([red.get(h[id(u)]["fac"].col if u.layout.factored else h[id(u)]["tot"]) for u in units])
         red2 = Reducer(pg)
         for u, fine in zip(units, ok):
             if not fine:
@@ -92,18 +90,8 @@ class FactoredSecondMoment(MemoptOptimizer):
             if L.factored and not L.holds_factors:
                 d["u"] = u.grad  # empty
             elif L.factored:
-                m, n = L.m, L.n
-                col_sq = red.get(d["col"]).view(L.B, n)
-                row_sq = red.get(d["row"]) if not L.rows_complete else L.row_sums(d["g2"])
-                r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"].view(L.B, n)
-                r.mul_(beta).add_(row_sq.div(n).add_(eps1), alpha=1.0 - beta)
-                c.mul_(beta).add_(col_sq.div(m).add_(eps1), alpha=1.0 - beta)
-                if L.row_sharded:
-                    rsum = red.get(d["rsum"]) * beta + (col_sq.sum(dim=1) / n + m * eps1) * (1.0 - beta)
-                else:
-                    rsum = r.view(L.B, m).sum(dim=1)
-                a = torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)])
-                d["u"] = L.scale(g, a, torch.rsqrt(c))
+                a, s = sharded_factors(L, red, d["fac"], st["exp_avg_sq_row"], st["exp_avg_sq_col"], beta, eps1)
+                d["u"] = L.scale(g, a, s)
             else:
                 v = st["exp_avg_sq"]
                 v.mul_(beta).add_(d["g2"].add_(eps1), alpha=1.0 - beta)
@@ -239,7 +227,7 @@ class Adafactor(FactoredSecondMoment):
         if warmup_init and not relative_step:
             raise ValueError("Adafactor: warmup_init=True requires relative_step=True")
         check_positive("lr", lr, allow_none=True)
-        _check_common(eps, clip_threshold, decay_rate, weight_decay)
+        check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay)
         if beta1 is not None:
             check_beta("beta1", beta1)
         defaults = dict(
@@ -256,7 +244,8 @@ class Adafactor(FactoredSecondMoment):
         return group["lr"]
 
 
-def _check_common(eps, clip_threshold, decay_rate, weight_decay):
+def check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay) -> None:
+    """The checks Adafactor and AdaLomo share; raises ValueError naming the bad value."""
     if len(tuple(eps)) != 2:
         raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
     check_nonnegative("eps[0]", eps[0])

@@ -11,7 +11,7 @@ parameter's device, and ``step()`` gives the same update as ``fused_backward()``
 """
 from __future__ import annotations
 
-from .adafactor import FactoredSecondMoment, _check_common
+from .adafactor import FactoredSecondMoment, check_factored_hparams
 from .base import check_positive
 from .fused import FusedBackwardOptimizer
 
@@ -48,7 +48,7 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         on_nonfinite: str = "skip",
     ):
         check_positive("lr", lr)
-        _check_common(eps, clip_threshold, decay_rate, weight_decay)
+        check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay)
         defaults = dict(
             lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
             weight_decay=weight_decay, scale_parameter=True,

@@ -10,8 +10,18 @@ from __future__ import annotations
 import torch
 
 from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .factored import (
+    add_factor_partials,
+    apply_weight_decay,
+    as_matrices,
+    clip_divisor,
+    commit_factors,
+    factored_stats,
+    row_slices,
+    scratch_buffer,
+    sharded_factors,
+)
 from .sharding import Reducer
-from .factored import _scratch, apply_weight_decay, as_matrices, clip_divisor, commit_factors, factored_stats, row_slices
 
 
 class CAME(MemoptOptimizer):
@@ -80,30 +90,6 @@ class CAME(MemoptOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(layout.length, **kw)
 
-    @staticmethod
-    def _factors(L, red, d, r, c, beta, eps, tag):
-        """EMA of row/column means of a reduced partial-sum pair; returns (a, s) for ``L.scale``."""
-        m, n = L.m, L.n
-        col = red.get(d[tag + "col"]).view(L.B, n)
-        row = red.get(d[tag + "row"]) if not L.rows_complete else L.row_sums(d[tag + "x"])
-        c = c.view(L.B, n)
-        r.mul_(beta).add_(row.div(n).add_(eps), alpha=1.0 - beta)
-        c.mul_(beta).add_(col.div(m).add_(eps), alpha=1.0 - beta)
-        if L.row_sharded:
-            rsum = red.get(d[tag + "rsum"]) * beta + (col.sum(dim=1) / n + m * eps) * (1.0 - beta)
-        else:
-            rsum = r.view(L.B, m).sum(dim=1)
-        return torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)]), torch.rsqrt(c)
-
-    @staticmethod
-    def _partials(L, red, d, x, r_old, tag):
-        d[tag + "x"] = x
-        d[tag + "col"] = red.add(L.col_sums(x))
-        if not L.rows_complete:
-            d[tag + "row"] = red.add(L.row_sums(x))
-        if L.row_sharded:
-            d[tag + "rsum"] = red.add(L.matrix_row_sums(r_old))
-
     def _sharded_update(self, units, pg):
         """Phase 1: G^2 partial sums; phase 2: U and sum U^2 (clip); phase 3: M and the
         instability (U - M)^2 partial sums; then the update. One all-reduce per phase."""
@@ -113,12 +99,12 @@ class CAME(MemoptOptimizer):
             L, d = u.layout, h.setdefault(id(u), {})
             g2 = u.grad.square()
             if L.factored:
-                self._partials(L, red, d, g2, u.state["exp_avg_sq_row"], "g")
+                d["g"] = add_factor_partials(L, red, g2, u.state["exp_avg_sq_row"])
             else:
                 d["g2"] = g2
                 d["tot"] = red.add(g2.sum())
         red.run()
-        ok = all_finite([red.get(h[id(u)]["gcol" if u.layout.factored else "tot"]) for u in units])
+        ok = all_finite([red.get(h[id(u)]["g"].col if u.layout.factored else h[id(u)]["tot"]) for u in units])
         red2 = Reducer(pg)
         for u, fine in zip(units, ok):
             if not fine:
@@ -129,7 +115,7 @@ class CAME(MemoptOptimizer):
             if L.factored and not L.holds_factors:
                 d["u"] = u.grad.clone()  # empty
             elif L.factored:
-                a, s = self._factors(L, red, d, st["exp_avg_sq_row"], st["exp_avg_sq_col"], beta2, eps1, "g")
+                a, s = sharded_factors(L, red, d["g"], st["exp_avg_sq_row"], st["exp_avg_sq_col"], beta2, eps1)
                 d["u"] = L.scale(u.grad, a, s)
             else:
                 v = st["exp_avg_sq"]
@@ -149,7 +135,7 @@ class CAME(MemoptOptimizer):
             mom.mul_(beta1).add_(uu, alpha=1.0 - beta1)
             if L.factored:
                 res = uu.sub_(mom).square_()
-                self._partials(L, red3, d, res, st["exp_avg_res_row"], "r")
+                d["r"] = add_factor_partials(L, red3, res, st["exp_avg_res_row"])
             else:
                 apply_weight_decay(w, lr * grp["weight_decay"], multiplicative=False)
                 w.add_(mom, alpha=-lr)
@@ -160,7 +146,7 @@ class CAME(MemoptOptimizer):
             L, d, st, grp, w = u.layout, h[id(u)], u.state, u.group, u.param
             eps2 = grp["eps"][1]
             lr = grp["lr"]
-            ra, rs = self._factors(L, red3, d, st["exp_avg_res_row"], st["exp_avg_res_col"], grp["betas"][2], eps2, "r")
+            ra, rs = sharded_factors(L, red3, d["r"], st["exp_avg_res_row"], st["exp_avg_res_col"], grp["betas"][2], eps2)
             apply_weight_decay(w, lr * grp["weight_decay"], multiplicative=False)
             w.add_(L.scale(st["exp_avg"], ra, rs), alpha=-lr)
         return ok
@@ -198,7 +184,7 @@ class CAME(MemoptOptimizer):
         for i, (a, s, _) in enumerate(factors):
             g, w, m = gs[i], ws[i], ms[i]
             rows_n, cols_n = g.shape
-            scratch = _scratch(g, None)
+            scratch = scratch_buffer(g, None)
             res_row_sum = torch.empty(rows_n, dtype=torch.float32, device=g.device)
             res_col_sum = torch.zeros(cols_n, dtype=torch.float32, device=g.device)
             coef = a / div

@@ -39,7 +39,7 @@ def row_slices(m: int, n: int, block_elems: int | None = None):
         yield slice(start, min(m, start + rows))
 
 
-def _scratch(g: torch.Tensor, block_elems: int | None) -> torch.Tensor:
+def scratch_buffer(g: torch.Tensor, block_elems: int | None) -> torch.Tensor:
     """One reusable block-sized buffer: fresh large allocations per block cost page faults."""
     m, n = g.shape
     rows = min(m, max(1, (block_elems or BLOCK_ELEMS) // max(n, 1)))
@@ -79,7 +79,7 @@ def factored_stats(
     lhs = torch.empty(2, min(m, max(1, (block_elems or BLOCK_ELEMS) // max(n, 1))), dtype=torch.float32, device=g.device)
     lhs[0].fill_(1.0)
     w_sq = torch.zeros((), dtype=torch.float32, device=g.device) if w is not None else None
-    scratch = _scratch(g, block_elems)
+    scratch = scratch_buffer(g, block_elems)
     for sl in row_slices(m, n, block_elems):
         rows = sl.stop - sl.start
         g2 = torch.square(g[sl], out=scratch[: rows * n].view(rows, n))
@@ -134,7 +134,7 @@ def apply_factored_update(
     """
     m, n = g.shape
     coef = a * scale
-    scratch = _scratch(g, block_elems)
+    scratch = scratch_buffer(g, block_elems)
     for sl in row_slices(m, n, block_elems):
         wb = w[sl]
         apply_weight_decay(wb, decay, multiplicative_decay)
@@ -164,3 +164,46 @@ def factored_update_into(
     coef = a * scale
     for sl in row_slices(m, n, block_elems):
         torch.mul(g[sl], coef[sl, None], out=out[sl]).mul_(s)
+
+
+# -- the same factors for a sharded parameter (the local pieces of a memopt.sharding.Layout) --------
+@dataclass
+class FactorPartials:
+    """Where, in one ``memopt.sharding.Reducer``, the partial sums of one factored EMA are queued."""
+
+    x: torch.Tensor  # the local elements the sums are of (G*G, or CAME's instability (U - M)^2)
+    col: int  # column sums per matrix, (B, n)
+    row: int | None  # row sums over the window, when local rows can be partial (flat layouts)
+    rsum: int | None  # per-matrix sums of the old row factor, when it is stored for local rows only
+
+
+def add_factor_partials(layout, reducer, x: torch.Tensor, r_old: torch.Tensor) -> FactorPartials:
+    """Queue the partial sums of local ``x`` that ``sharded_factors`` needs (``r_old``: the stored
+    row factor window, before this step's EMA)."""
+    col = reducer.add(layout.col_sums(x))
+    row = reducer.add(layout.row_sums(x)) if not layout.rows_complete else None
+    rsum = reducer.add(layout.matrix_row_sums(r_old)) if layout.row_sharded else None
+    return FactorPartials(x=x, col=col, row=row, rsum=rsum)
+
+
+def sharded_factors(
+    layout, reducer, partials: FactorPartials, r: torch.Tensor, c: torch.Tensor, beta: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the reducer ran: the EMA of the row and column means of x into the stored ``r`` (the
+    row window) and ``c`` (B*n), and (a, s) = (rsqrt(r / mean(r)) per matrix, rsqrt(c)) for
+    ``layout.scale``. Adafactor/AdaLomo (x = G*G) and CAME (also its instability) share it.
+
+    When ``r`` holds local rows only, the per-matrix sum of the new r is rebuilt from the reduced
+    column sums and the reduced sum of the old r, without gathering r (docs/sharding.md)."""
+    L = layout
+    m, n = L.m, L.n
+    col = reducer.get(partials.col).view(L.B, n)
+    row = reducer.get(partials.row) if not L.rows_complete else L.row_sums(partials.x)
+    c = c.view(L.B, n)
+    r.mul_(beta).add_(row.div(n).add_(eps), alpha=1.0 - beta)
+    c.mul_(beta).add_(col.div(m).add_(eps), alpha=1.0 - beta)
+    if L.row_sharded:
+        rsum = reducer.get(partials.rsum) * beta + (col.sum(dim=1) / n + m * eps) * (1.0 - beta)
+    else:
+        rsum = r.view(L.B, m).sum(dim=1)
+    return torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)]), torch.rsqrt(c)
