@@ -14,15 +14,9 @@ import torch
 
 from .adafactor import Adafactor
 from .adalomo import AdaLomo
+from .adapprox import Adapprox
 from .came import CAME
 from .lomo import Lomo
-
-
-def _adapprox(params, **hp):
-    from .adapprox import Adapprox
-
-    return Adapprox(params, **hp)
-
 
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": torch.optim.AdamW,
@@ -31,7 +25,7 @@ OPTIMIZERS: dict[str, Callable] = {
     "came": CAME,
     "lomo": Lomo,
     "adalomo": AdaLomo,
-    "adapprox": _adapprox,
+    "adapprox": Adapprox,
 }
 
 # Optimizers whose memory saving needs ``optimizer.fused_backward(loss)``.
@@ -44,12 +38,7 @@ def optimizer_class(name: str):
         close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown optimizer {name!r}{hint}; valid choices: {', '.join(sorted(OPTIMIZERS))}")
-    cls = OPTIMIZERS[key]
-    if key == "adapprox":
-        from .adapprox import Adapprox
-
-        cls = Adapprox
-    return cls
+    return OPTIMIZERS[key]
 
 
 def optimizer_hparams(name: str) -> list[str]:
