@@ -138,7 +138,7 @@ class Adapprox(MemoptOptimizer):
     """
 
     supports_sharding = True
-    # For memopt.sharding's name-keyed checkpoints: Q is indexed by rows, U by columns, and both
+    # For memopt.checkpoint's name-keyed checkpoints: Q is indexed by rows, U by columns, and both
     # change their last dim (the rank) over training.
     state_kinds = {"Q": "row", "U": "col"}
     resizable_state = ("Q", "U")
@@ -539,12 +539,12 @@ def _partial_product(L, s: torch.Tensor, kind: str, x: torch.Tensor, beta2: floa
     r = x.shape[-1]
     if kind == "v":
         out = torch.zeros(L.B, L.m, r, dtype=torch.float32, device=s.device)
-        for pc, blk in L._blocks(s):
+        for pc, blk in L.blocks(s):
             lo = pc.row - pc.mat * L.m
             out[pc.mat, lo:lo + pc.rows].addmm_(blk, xs[pc.mat, pc.col:pc.col + pc.cols])
     else:
         out = torch.zeros(L.B, r, L.n, dtype=torch.float32, device=s.device)
-        for pc, blk in L._blocks(s):
+        for pc, blk in L.blocks(s):
             lo = pc.row - pc.mat * L.m
             out[pc.mat, :, pc.col:pc.col + pc.cols].addmm_(xs[pc.mat, lo:lo + pc.rows].T, blk)
     return out
@@ -572,7 +572,7 @@ def _local_error_and_uhat(L, s, g, q_prev, u_prev, q, u, group, eps, scale):
     v2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
     r2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
     gflat = g.reshape(-1)
-    for pc, blk in L._blocks(s):
+    for pc, blk in L.blocks(s):
         lo = pc.row - pc.mat * L.m
         rows, cols = slice(lo, lo + pc.rows), slice(pc.col, pc.col + pc.cols)
         vn, rn = residual_norms_(blk[None], q_prev[pc.mat, rows][None], u_prev[pc.mat, cols][None],

@@ -17,16 +17,20 @@ supplies the rest, identically for all of them:
   flat partitions bound with ``bind_fragments`` (``memopt.integrations.deepspeed``). Their step
   runs in phases across all parameters (``_sharded_update``), with one all-reduce per phase, and
   computes exactly the single-process update. Plain local tensors keep the per-parameter fast path.
+* the public contract that checkpoints and engines use (``memopt.sharding.LayoutOptimizer``):
+  ``logical_params()``, ``ensure_state()``, ``suspended()``, ``bind_fragments()``, ``fragments``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+import types
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch.optim import Optimizer
 
-from .sharding import Layout, Unit, dtensor_layout
+from .sharding import Layout, LogicalParam, Unit, dtensor_layout, is_dtensor
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -199,9 +203,51 @@ class MemoptOptimizer(Optimizer):
             self._index_of = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
         return self._index_of.get(key)
 
+    # -- the contract with layouts' users (memopt.sharding.LayoutOptimizer) ---------------
+    @property
+    def fragments(self) -> Mapping[torch.Tensor, list[tuple[str, int, Layout]]]:
+        """The bound flat partitions: {flat tensor: [(name, offset, layout), ...]} as given to
+        ``bind_fragments`` (empty unless an engine such as DeepSpeed ZeRO bound some). Read-only."""
+        return types.MappingProxyType(self._fragments)
+
+    def logical_params(self) -> Iterator[LogicalParam]:
+        """Every logical parameter, in the same order on every rank: the fragments of bound flat
+        partitions first, in binding order (ZeRO-3 empties ``param_groups`` between steps), then
+        the other parameters of ``param_groups`` (whole tensors or DTensors)."""
+        for flat, frags in self._fragments.items():
+            group = self._fragment_group[flat]
+            st = self.state[flat]
+            for name, _off, layout in frags:
+                yield LogicalParam(name, layout, group, flat.device, None, st, name)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self._fragments:
+                    continue
+                local, layout = dtensor_layout(p) if is_dtensor(p) else (p, Layout.whole(p.shape))
+                yield LogicalParam(p, layout, group, p.device, local, self.state, p)
+
+    def ensure_state(self, lp: LogicalParam) -> dict:
+        """The state of ``lp``, created first if it has none (e.g. before loading a checkpoint
+        into an optimizer that has not stepped yet)."""
+        state = lp.state
+        if not state:
+            self._new_state(lp.key, lp.local, lp.layout, state, lp.group, lp.device)
+        return state
+
+    @contextmanager
+    def suspended(self):
+        """Within it ``step()`` runs the closure only and changes nothing: for an engine's own
+        initialization steps (DeepSpeed steps its client with zero gradients to create states)."""
+        before = self._suspended
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = before
+
     # -- sharded parameters ---------------------------------------------------------------
     def _is_sharded(self, p: torch.Tensor) -> bool:
-        return p in self._fragments or _is_dtensor(p)
+        return p in self._fragments or is_dtensor(p)
 
     def _units_for(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> list[Unit]:
         """The units of a sharded parameter (a DTensor, or a bound flat partition)."""
@@ -220,7 +266,7 @@ class MemoptOptimizer(Optimizer):
                 ))
             return units
         local, layout = dtensor_layout(p)
-        glocal = grad.to_local() if _is_dtensor(grad) else grad
+        glocal = grad.to_local() if is_dtensor(grad) else grad
         return [self._make_unit(p, local, glocal, layout, self.state[p], group)]
 
     def _make_unit(self, key, local, glocal, layout, state, group) -> Unit:
@@ -364,14 +410,6 @@ def optimizer_state_bytes(opt: Optimizer) -> int:
     for s in opt.state.values():
         visit(s)
     return total
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def all_finite(xs: list[torch.Tensor]) -> list[bool]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import MemoptOptimizer, check_positive
+from .sharding import Reducer, dtensor_layout, is_dtensor
 
 # The reference adds this to the norm before dividing (lomo_optim); kept for parity.
 _NORM_EPS = 1e-6
@@ -106,7 +107,10 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         total = math.sqrt(float(torch.stack(sq_norms).sum()))
         return min(1.0, self.clip_grad_norm / (total + _NORM_EPS))
 
-    def _prepare_grad(self, g: torch.Tensor, group: dict, coef: float | None, unscale: float | None) -> torch.Tensor:
+    def prepare_grad(self, g: torch.Tensor, group: dict, coef: float | None = None,
+                     unscale: float | None = None) -> torch.Tensor:
+        """The gradient an update uses: fp32, divided by the loss scale ``unscale``, clamped to
+        the group's ``clip_grad_value``, times the global-norm clip coefficient ``coef``."""
         g = g.float()
         if unscale is not None:
             g = g / unscale  # a power of two: exact
@@ -121,16 +125,12 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         """Sum over ranks of the squared norms of local shards: (total, process group) or (0, None)."""
         if not sharded:
             return 0.0, None
-        from .sharding import Reducer
-
         units_pg = None
         local = torch.zeros((), dtype=torch.float32)
         for p, sq in sharded:
             if p in self._fragments:
                 pg = self._fragments[p][0][2].group if self._fragments[p] else None
             else:
-                from .sharding import dtensor_layout
-
                 pg = dtensor_layout(p)[1].group
             units_pg = pg if units_pg is None else units_pg
             local = local + sq.float().cpu()
@@ -153,9 +153,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
 
     @staticmethod
     def _local_grad(g):
-        from .base import _is_dtensor
-
-        return g.to_local() if _is_dtensor(g) else g
+        return g.to_local() if is_dtensor(g) else g
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -174,10 +172,10 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         for p, group in with_grad:
             if self._is_sharded(p):
                 for u in self._units_for(p, p.grad, group):
-                    u.grad = self._prepare_grad(u.grad, group, coef, None)
+                    u.grad = self.prepare_grad(u.grad, group, coef, None)
                     units.append(u)
             else:
-                self.update_param(p, self._prepare_grad(p.grad, group, coef, None), group)
+                self.update_param(p, self.prepare_grad(p.grad, group, coef, None), group)
         if units:
             self._step_units(units)
         return loss
@@ -241,7 +239,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             g = p.grad
             p.grad = None
             group = self.group_of(p)
-            self.update_param(p, self._prepare_grad(g, group, coef, unscale), group)
+            self.update_param(p, self.prepare_grad(g, group, coef, unscale), group)
 
         if recompute_loss is not None and (self.clip_grad_norm is not None or scaled):
             scaled_loss = recompute_loss() * unscale if scaled else recompute_loss()

@@ -20,11 +20,15 @@ broadcast back onto the local elements the same way (``scale``).
 ``Reducer`` gathers all of a phase's partial sums of all parameters into one flat fp32 buffer
 and runs one all-reduce (SUM) over the data-parallel group: the number of collectives per
 optimizer step is a small constant, independent of the number of parameters.
+This module imports no other part of memopt: optimizers (``memopt.base``) build on layouts, and
+what code outside an optimizer may rely on is the ``LayoutOptimizer`` protocol below
+(``memopt.checkpoint`` uses nothing else).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ContextManager, Iterator, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -143,7 +147,8 @@ class Layout:
             self._pieces = out
         return self._pieces
 
-    def _blocks(self, x: torch.Tensor):
+    def blocks(self, x: torch.Tensor):
+        """(piece, its (rows, cols) view of local ``x``) for every piece of the local range."""
         flat = x.reshape(-1)
         for pc in self.pieces():
             yield pc, flat[pc.off: pc.off + pc.rows * pc.cols].view(pc.rows, pc.cols)
@@ -151,7 +156,7 @@ class Layout:
     def row_sums(self, x: torch.Tensor) -> torch.Tensor:
         """Partial row sums of local ``x`` over the row window (full length for ``flat``)."""
         out = torch.zeros(self.window, dtype=torch.float32, device=x.device)
-        for pc, blk in self._blocks(x):
+        for pc, blk in self.blocks(x):
             lo = pc.row - self.row_lo
             out[lo: lo + pc.rows] += blk.sum(dim=1)
         return out
@@ -159,7 +164,7 @@ class Layout:
     def col_sums(self, x: torch.Tensor) -> torch.Tensor:
         """Partial column sums of local ``x`` per matrix: (B, n)."""
         out = torch.zeros(self.B, self.n, dtype=torch.float32, device=x.device)
-        for pc, blk in self._blocks(x):
+        for pc, blk in self.blocks(x):
             out[pc.mat, pc.col: pc.col + pc.cols] += blk.sum(dim=0)
         return out
 
@@ -167,7 +172,7 @@ class Layout:
         """``x * a[row] * s[mat, col]`` on the local elements (a over the row window, s (B, n))."""
         out = torch.empty(self.length, dtype=torch.float32, device=x.device)
         o = out.view(-1)
-        for pc, blk in self._blocks(x):
+        for pc, blk in self.blocks(x):
             lo = pc.row - self.row_lo
             dst = o[pc.off: pc.off + pc.rows * pc.cols].view(pc.rows, pc.cols)
             torch.mul(blk, a[lo: lo + pc.rows, None], out=dst)
@@ -214,6 +219,14 @@ class Layout:
     def rows_of(self, full_rows: torch.Tensor, extra=()) -> torch.Tensor:
         """This rank's window (window, *extra) of a full row-indexed tensor."""
         return full_rows.reshape(self.rows_total, *extra)[self.row_lo: self.row_hi].clone()
+
+    def gather_from_holders(self, v: torch.Tensor, numel: int) -> torch.Tensor:
+        """A replicated factor of a ``flat`` layout, from the ranks that hold it (a MAX all-reduce:
+        factors are positive and identical on holders; ranks holding no element contribute zeros)."""
+        full = v.detach().reshape(-1).clone() if v.numel() else torch.zeros(numel, dtype=torch.float32, device=v.device)
+        if _world(self.group) > 1:
+            dist.all_reduce(full, op=dist.ReduceOp.MAX, group=self.group)
+        return full
 
 
 def _world(group) -> int:
@@ -265,6 +278,64 @@ class Unit:
     step: int = 0
 
 
+class LogicalParam:
+    """One logical parameter of an optimizer as its users (checkpoints, engines) see it.
+
+    ``key`` is what its state belongs to: the parameter itself, or its name for a fragment of a
+    bound flat partition (which carries its name). ``local`` is the local tensor when the
+    parameter is not a fragment (the parameter, or a DTensor's local shard), else None.
+    """
+
+    def __init__(self, key, layout: Layout, group: dict, device, local, states: dict, state_key):
+        self.key = key
+        self.layout = layout
+        self.group = group
+        self.device = device
+        self.local = local
+        self._states = states
+        self._state_key = state_key
+
+    @property
+    def state(self) -> dict:
+        """Its (possibly empty) state dict in the optimizer. Looked up on first use, so listing
+        parameters creates no state entries for those a caller then rejects."""
+        return self._states.setdefault(self._state_key, {})
+
+
+class LayoutOptimizer(Protocol):
+    """What code outside an optimizer (``memopt.checkpoint``, engine integrations) relies on.
+
+    ``memopt.base.MemoptOptimizer`` implements it; this module defines it so that layouts and
+    their users need not import the optimizers (the dependency runs layouts <- optimizers).
+    """
+
+    param_groups: list[dict]
+
+    def logical_params(self) -> Iterator[LogicalParam]:
+        """Every logical parameter, in the same order on every rank."""
+
+    def ensure_state(self, lp: LogicalParam) -> dict:
+        """``lp.state``, created first if it is empty."""
+
+    def suspended(self) -> ContextManager[None]:
+        """A context in which ``step()`` changes nothing."""
+
+    def bind_fragments(self, flat: torch.Tensor, fragments: list[tuple[str, int, Layout]], group: dict | None = None) -> None:
+        """Declare that the 1-D ``flat`` holds the given (name, offset, layout) pieces."""
+
+    @property
+    def fragments(self) -> Mapping[torch.Tensor, list[tuple[str, int, Layout]]]:
+        """The bound flat partitions, read-only."""
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
 def dtensor_layout(p) -> tuple[torch.Tensor, Layout]:
     """(local tensor, layout) of a DTensor parameter placed Shard(0) (FSDP2) or Replicate."""
     from torch.distributed.tensor import Replicate, Shard
@@ -292,168 +363,3 @@ def dtensor_layout(p) -> tuple[torch.Tensor, Layout]:
     if local.shape[0] != stop - start:
         raise RuntimeError(f"memopt: unexpected Shard(0) split: rank {rank} holds {local.shape[0]} of {d0} rows")
     return local, Layout.row_shard(p.shape, start, stop, group)
-
-
-# -- name-keyed, world-size-independent optimizer state ------------------------------------------
-def _slots(opt, names: dict | None):
-    """(name, layout, state, init) for every logical parameter of ``opt``, in the same order on every
-    rank. ``init()`` creates the state of a parameter that has none yet (for loading)."""
-    from .base import _is_dtensor
-
-    names = names or {}
-    # Bound flat partitions first, in binding order (ZeRO-3 empties param_groups between steps).
-    for p, frags in opt._fragments.items():
-        group = opt._fragment_group[p]
-        st = opt.state[p]
-        for name, _off, layout in frags:
-            sub = st.setdefault(name, {})
-            yield name, layout, sub, _initializer(opt, name, layout, sub, group, p.device, None)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p in opt._fragments:
-                continue
-            if _is_dtensor(p):
-                local, layout = dtensor_layout(p)
-            else:
-                local, layout = p, Layout.whole(p.shape)
-            if p not in names:
-                raise KeyError(f"no name for a parameter of shape {tuple(p.shape)}: pass names=model")
-            st = opt.state[p]
-            yield names[p], layout, st, _initializer(opt, p, layout, st, group, p.device, local)
-
-
-def _initializer(opt, key, layout, state, group, device, local):
-    def init():
-        if not state:
-            opt._new_state(key, local, layout, state, group, device)
-    return init
-
-
-def _param_names(model_or_names) -> dict:
-    if model_or_names is None:
-        return {}
-    if isinstance(model_or_names, torch.nn.Module):
-        return {p: n for n, p in model_or_names.named_parameters()}
-    return dict(model_or_names)
-
-
-def _kind_of(opt, key: str, layout: Layout) -> str:
-    """How a state tensor is indexed: "elem" (like the parameter), "row" (by the rows of the
-    (B*m, n) stack) or "col" (by matrix and column). Optimizers name it in ``state_kinds``;
-    otherwise the suffixes _row/_col say it."""
-    if not layout.factored:
-        return "elem"
-    declared = getattr(opt, "state_kinds", {}).get(key)
-    if declared is not None:
-        return declared
-    if key.endswith("_row"):
-        return "row"
-    if key.endswith("_col"):
-        return "col"
-    return "elem"
-
-
-def _extra_dims(v: torch.Tensor, layout: Layout, kind: str, local: bool) -> tuple:
-    """Trailing dims per row / column of a row- or col-kind tensor (Adapprox's rank k; none for
-    Adafactor's vectors). Local row tensors are (window, *extra); full ones and col tensors are
-    (*full_shape[:-1], *extra) and (*full_shape[:-2], n, *extra)."""
-    if kind == "row" and local and layout.sharded:
-        return tuple(v.shape[1:])
-    return tuple(v.shape[len(layout.full_shape) - 1:])
-
-
-def full_state_dict(opt, names=None) -> dict:
-    """The optimizer state keyed by parameter *name*, every tensor at its full logical shape.
-
-    A collective when parameters are sharded: every rank must call it; every rank gets the same
-    result (save it from one rank). ``names``: the model (its ``named_parameters``) or a
-    {parameter: name} dict; DeepSpeed-bound partitions carry their names already. Restore with
-    ``load_full_state_dict`` at any world size and any layout.
-    """
-    names = _param_names(names)
-    out = {}
-    for name, layout, st, _init in _slots(opt, names):
-        if not st:
-            continue
-        entry = {}
-        for key, v in st.items():
-            if not torch.is_tensor(v):
-                entry[key] = v
-                continue
-            kind = _kind_of(opt, key, layout)
-            if kind == "elem":
-                entry[key] = layout.gather_full(v) if layout.sharded else v.detach().clone()
-                continue
-            extra = _extra_dims(v, layout, kind, local=True)
-            if kind == "row":
-                shape = layout.full_shape[:-1] + extra
-                if layout.kind == "flat":
-                    entry[key] = _from_holders(layout, v, shape.numel()).view(shape)
-                else:
-                    entry[key] = layout.gather_rows(v, extra).view(shape)
-            else:
-                shape = layout.full_shape[:-2] + layout.full_shape[-1:] + extra
-                if layout.kind == "flat":
-                    entry[key] = _from_holders(layout, v, shape.numel()).view(shape)
-                else:
-                    entry[key] = v.detach().clone().view(shape)
-        out[name] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    sd = {"state": out, "param_groups": groups, "format": "memopt-full-v1"}
-    scaler = getattr(opt, "loss_scaler", None)
-    if scaler is not None:
-        sd["loss_scaler"] = dict(vars(scaler))
-    return sd
-
-
-def _from_holders(layout: Layout, v: torch.Tensor, numel: int) -> torch.Tensor:
-    """A replicated factor of a ``flat`` layout, from the ranks that hold it (a MAX all-reduce:
-    factors are positive and identical on holders; ranks holding no element contribute zeros)."""
-    full = v.detach().reshape(-1).clone() if v.numel() else torch.zeros(numel, dtype=torch.float32, device=v.device)
-    if _world(layout.group) > 1:
-        dist.all_reduce(full, op=dist.ReduceOp.MAX, group=layout.group)
-    return full
-
-
-def load_full_state_dict(opt, sd: dict, names=None) -> None:
-    """Restore a ``full_state_dict`` into ``opt`` (any world size, any layout)."""
-    if sd.get("format") != "memopt-full-v1":
-        raise ValueError("not a memopt full optimizer state dict (memopt.sharding.full_state_dict)")
-    names = _param_names(names)
-    missing = []
-    for name, layout, st, init in _slots(opt, names):
-        entry = sd["state"].get(name)
-        if entry is None:
-            missing.append(name)
-            continue
-        init()
-        for key, v in entry.items():
-            if not torch.is_tensor(v):
-                st[key] = v
-                continue
-            cur = st.get(key)
-            if cur is None:
-                raise KeyError(f"{name}: saved state {key!r} is unknown to {type(opt).__name__}")
-            kind = _kind_of(opt, key, layout)
-            extra = () if kind == "elem" else _extra_dims(v, layout, kind, local=False)
-            if kind == "elem":
-                new = layout.local_of(v) if layout.sharded else v
-            elif kind == "row" and layout.sharded:
-                new = layout.rows_of(v, extra)  # (window, *extra); a flat window is all rows
-            else:
-                new = v
-            if key in getattr(opt, "resizable_state", ()):
-                # Its trailing size (a rank) changes during training: take the saved tensor as it is.
-                st[key] = new.to(device=cur.device, dtype=torch.float32).clone()
-                continue
-            if cur.numel() == 0 and new.numel() != 0:
-                continue  # a factor this rank does not keep (it holds no element of the parameter)
-            cur.copy_(new.reshape(cur.shape))
-    if missing and len(missing) == sum(1 for _ in _slots(opt, names)):
-        raise KeyError(f"no saved state matches these parameters (e.g. {missing[0]!r})")
-    if len(sd["param_groups"]) == len(opt.param_groups):
-        for g, saved in zip(opt.param_groups, sd["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k in g})
-    if "loss_scaler" in sd and getattr(opt, "loss_scaler", None) is not None:
-        for k, v in sd["loss_scaler"].items():
-            setattr(opt.loss_scaler, k, v)

@@ -248,7 +248,7 @@ def deepspeed_worker(rank, world, stages, cases, steps=STEPS, bf16=False, plain=
             out[(stage, case)] = [(f if f is not None else p).detach().float().clone() for f, p in zip(full, engine.module.ps)]
             client = engine.optimizer if isinstance(engine.optimizer, memopt.MemoptOptimizer) else engine.optimizer.optimizer
             out[(stage, case, "state_bytes")] = client.state_bytes()
-            out[(stage, case, "bound")] = len(client._fragments)
+            out[(stage, case, "bound")] = len(client.fragments)
             engine.destroy() if hasattr(engine, "destroy") else None
     return out
 
@@ -293,7 +293,7 @@ def fsdp2_checkpoint_worker(rank, world, cases, saved=None, split=3, steps=STEPS
     """``saved`` None: train ``split`` steps and return {case: (full params, full optimizer state)}.
     Otherwise load ``saved[case]`` and train the remaining steps; return {case: full params}."""
     import memopt
-    from memopt.sharding import full_state_dict, load_full_state_dict
+    from memopt.checkpoint import full_state_dict, load_full_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -321,8 +321,9 @@ def deepspeed_checkpoint_worker(rank, world, stage, cases, split=3):
     no_deepspeed_op_builds()
     from deepspeed.utils import safe_get_full_fp32_param
 
+    import memopt
+    from memopt.checkpoint import full_state_dict
     from memopt.integrations.deepspeed import initialize
-    from memopt.sharding import full_state_dict
 
     out = {}
     for case in cases:
@@ -333,7 +334,7 @@ def deepspeed_checkpoint_worker(rank, world, stage, cases, split=3):
             loss = engine(local_batch(step, rank, world))
             engine.backward(loss)
             engine.step()
-        client = opt if hasattr(opt, "_fragments") else opt.optimizer
+        client = opt if isinstance(opt, memopt.MemoptOptimizer) else opt.optimizer
         params = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.ps]
         out[case] = (params, full_state_dict(client, engine.module))
     return out
@@ -363,7 +364,7 @@ def deepspeed_capture_worker(rank, world, stages, cases, steps=3, bf16=True):
 
             def gathered(with_grad):
                 got = {}
-                for flat, frags in client._fragments.items():
+                for flat, frags in client.fragments.items():
                     if flat.grad is None:
                         continue
                     for fname, off, layout in frags:

@@ -1,4 +1,4 @@
-"""Name-keyed optimizer state (memopt.sharding.full_state_dict): saved on W ranks, restored on
+"""Name-keyed optimizer state (memopt.checkpoint.full_state_dict): saved on W ranks, restored on
 W' ranks (2 -> 1, 1 -> 2, ZeRO-3 on 2 -> 1), training continues exactly as an uninterrupted run."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 import dist_helpers as dh
 import memopt
-from memopt.sharding import full_state_dict, load_full_state_dict
+from memopt.checkpoint import full_state_dict, load_full_state_dict
 
 CASES = ["adafactor_b1_wd", "came", "adalomo", "adapprox", "adapprox_k2_cold"]
 

@@ -43,7 +43,7 @@ def register_fused_backward(ddp_model, optimizer: FusedBackwardOptimizer, proces
             with torch.no_grad():
                 for p, g in zip(bucket.parameters(), bucket.gradients()):
                     grp = optimizer.group_of(p)
-                    optimizer.update_param(p, optimizer._prepare_grad(g, grp, None, None), grp)
+                    optimizer.update_param(p, optimizer.prepare_grad(g, grp), grp)
             return f.value()[0]
 
         return fut.then(update)

@@ -64,12 +64,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             f"{type(optimizer).__name__} does not support ZeRO partitions (memopt sharding covers "
             "Adafactor, CAME, AdaLomo, LOMO, Adapprox); use ZeRO stage 0 with it"
         )
-    optimizer._suspended = True
-    try:
+    with optimizer.suspended():
         out = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                    training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs)
-    finally:
-        optimizer._suspended = False
     engine = out[0]
     bind_engine(engine, optimizer)
     return out
