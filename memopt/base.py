@@ -17,6 +17,8 @@ supplies the rest, identically for all of them:
   flat partitions bound with ``bind_fragments`` (``memopt.integrations.deepspeed``). Their step
   runs in phases across all parameters (``_sharded_update``), with one all-reduce per phase, and
   computes exactly the single-process update. Plain local tensors keep the per-parameter fast path.
+* ``step()`` itself, once: a subclass that changes gradients first (clipping, loss scaling:
+  ``memopt.fused``) returns a transform from ``_gradient_transform`` instead of its own step.
 * the public contract that checkpoints and engines use (``memopt.sharding.LayoutOptimizer``):
   ``logical_params()``, ``ensure_state()``, ``suspended()``, ``bind_fragments()``, ``fragments``.
 """
@@ -31,6 +33,10 @@ import torch
 from torch.optim import Optimizer
 
 from .sharding import Layout, LogicalParam, Unit, dtensor_layout, is_dtensor
+
+#: What ``_gradient_transform`` returns: the gradient (a local piece of it for a sharded
+#: parameter) and its group -> the gradient the update uses.
+GradTransform = Callable[[torch.Tensor, dict], torch.Tensor]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -319,6 +325,13 @@ class MemoptOptimizer(Optimizer):
         except KeyError:
             raise ValueError("this parameter is not managed by this optimizer") from None
 
+    def _gradient_transform(self, with_grad: list[tuple[torch.Tensor, dict]]) -> GradTransform | None:
+        """Hook, once per ``step()`` before any update: ``with_grad`` holds the (parameter, group)
+        pairs about to be updated. Return a function applied to every gradient (a sharded
+        parameter's local piece, flat fp32) before its update, or None to use them as they are.
+        ``memopt.fused`` clips and clamps here."""
+        return None
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         loss = None
@@ -327,17 +340,19 @@ class MemoptOptimizer(Optimizer):
                 loss = closure()
         if self._suspended:
             return loss
+        # Every group is checked before any update, so a refused step changes no group.
+        live = [group for group in self.param_groups if not self._check_not_replaced(group)]
+        with_grad = [(p, group) for group in live for p in group["params"] if p.grad is not None]
+        transform = self._gradient_transform(with_grad)
         units: list[Unit] = []
-        for group in self.param_groups:
-            if self._check_not_replaced(group):
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if self._is_sharded(p):
-                    units.extend(self._units_for(p, p.grad, group))
-                else:
-                    self.update_param(p, p.grad, group)
+        for p, group in with_grad:
+            if self._is_sharded(p):
+                for u in self._units_for(p, p.grad, group):
+                    if transform is not None:
+                        u.grad = transform(u.grad, group)
+                    units.append(u)
+            else:
+                self.update_param(p, p.grad if transform is None else transform(p.grad, group), group)
         if units:
             self._step_units(units)
         return loss

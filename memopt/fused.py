@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MemoptOptimizer, check_positive
+from .base import GradTransform, MemoptOptimizer, check_positive
 from .sharding import Reducer, dtensor_layout, is_dtensor
 
 # The reference adds this to the norm before dividing (lomo_optim); kept for parity.
@@ -120,7 +120,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             g = g * coef
         return g
 
-    # -- ordinary mode ------------------------------------------------------------------------
+    # -- ordinary mode (MemoptOptimizer.step with this gradient transform) ----------------------
     def _sharded_sq_total(self, sharded: list[tuple[torch.Tensor, torch.Tensor]]):
         """Sum over ranks of the squared norms of local shards: (total, process group) or (0, None)."""
         if not sharded:
@@ -155,30 +155,11 @@ class FusedBackwardOptimizer(MemoptOptimizer):
     def _local_grad(g):
         return g.to_local() if is_dtensor(g) else g
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._suspended:
-            return loss
-        skip = [g for g in self.param_groups if self._check_not_replaced(g)]
-        with_grad = [(p, g) for p, g in self._params_in_order() if p.grad is not None and not any(g is s for s in skip)]
+    def _gradient_transform(self, with_grad) -> GradTransform:
         coef = None
         if self.clip_grad_norm:
             coef = self._global_clip_coef([(p, self._sq_norm(self._local_grad(p.grad))) for p, _ in with_grad])
-        units = []
-        for p, group in with_grad:
-            if self._is_sharded(p):
-                for u in self._units_for(p, p.grad, group):
-                    u.grad = self.prepare_grad(u.grad, group, coef, None)
-                    units.append(u)
-            else:
-                self.update_param(p, self.prepare_grad(p.grad, group, coef, None), group)
-        if units:
-            self._step_units(units)
-        return loss
+        return lambda g, group: self.prepare_grad(g, group, coef, None)
 
     # -- fused mode ---------------------------------------------------------------------------
     def _uses_loss_scaling(self, loss: torch.Tensor) -> bool:
