@@ -309,7 +309,7 @@ def test_changed_lr_and_longer_schedule_are_applied_on_resume(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optimizer.name=adafactor", "holds adalomo optimizer state and this run has optimizer.name=adafactor"),
     ("optimizer.hparams={decay_rate: -0.5}", "optimizer.hparams.decay_rate is -0.5"),
-    ("model.overrides={num_layers: 3}", "cannot restore"),
+    ("model.overrides={num_layers: 3}", r"holds another model: model.overrides.num_layers=3 \(checkpoint: None\)"),
 ])
 def test_incompatible_resume_is_a_one_line_refusal(tmp_path, override, message):
     run = tmp_path / "run"
@@ -330,3 +330,64 @@ def test_engine_format_mismatch_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="engine.kind=single or ddp and this run uses fsdp2"):
         check_resumable(ckpt, _cfg(run), "fsdp2")
     assert check_resumable(ckpt, _cfg(run), "ddp")["optimizer"]["name"] == "adalomo"
+
+
+# -- through the launcher: one line, exit status 1, checkpoints untouched ---------------------
+
+def _cli(out, *overrides):
+    from pretrain.train.cli import main
+
+    return main(["--config", str(ROOT / "configs/gpt_tiny.yaml"), f"output_dir={out}", *BASE, *overrides], "gpt")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate model.pt", "model.pt: "),
+    ("flip optimizer.pt", "optimizer.pt: sha256 differs"),
+    ("empty rng_rank0.pt", "rng_rank0.pt: 0 bytes"),
+    ("other optimizer", "optimizer.name=came"),
+    ("other model size", "model.overrides.num_layers=3"),
+])
+def test_damaged_or_foreign_checkpoint_is_one_line_through_the_launcher(tmp_path, capsys, damage, needle):
+    saved_env = dict(os.environ)
+    try:
+        run = tmp_path / "run"
+        assert _cli(run, "train.steps=2", "checkpoint.every=0") == 0
+        ckpt = run / "checkpoints" / "step_00000002"
+        action, _, name = damage.partition(" ")
+        extra = []
+        if action == "truncate":
+            data = (ckpt / name).read_bytes()
+            (ckpt / name).write_bytes(data[: len(data) // 2])
+        elif action == "flip":
+            data = bytearray((ckpt / name).read_bytes())
+            data[-100] ^= 0xFF
+            (ckpt / name).write_bytes(bytes(data))
+        elif action == "empty":
+            (ckpt / name).write_bytes(b"")
+        elif damage == "other optimizer":
+            extra = ["optimizer.name=came"]
+        else:
+            extra = ["model.overrides={num_layers: 3, hidden_dropout: 0.0, attention_dropout: 0.0}"]
+        before = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+        capsys.readouterr()
+        code = _cli(run, "train.steps=4", *extra)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.strip().splitlines() if ln]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+        assert {p.name: p.stat().st_size for p in ckpt.iterdir()} == before
+        assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def test_deepspeed_torch_optimizer_at_another_world_size_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    common = ["engine.kind=deepspeed", "optimizer.name=adamw", "optimizer.lr=1e-4"]
+    _launch("deepspeed", 2, out, *common, "train.steps=1")
+    proc = _launch("deepspeed", 1, out, *common, "train.steps=2", check=False)
+    assert proc.returncode == 1
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "ds_to_universal.py" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -150,6 +150,15 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def _gist(e: BaseException) -> str:
+    """The informative line of a load_state_dict error (its first line is only a heading)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("size mismatch", "Missing key", "Unexpected key")):
+            return ln[:300]
+    return lines[0][:300] if lines else ""
+
+
 def load_checkpoint(path: Path, engine) -> dict:
     """Restore engine state and this rank's RNG; return the trainer state."""
     path = Path(path)
@@ -160,8 +169,8 @@ def load_checkpoint(path: Path, engine) -> dict:
         raise
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         # A checkpoint that passed its checksums but does not fit this model or optimizer.
-        raise CheckpointError(f"cannot restore {path} into this run ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
+        raise CheckpointError(f"cannot restore {path} into this run ({type(e).__name__}: {_gist(e)}); was it "
+                              "written with other model.* settings?") from e
     rng_path = path / rng_file(dist_rank())
     if rng_path.is_file():  # absent when resuming on more ranks than saved: keep the fresh seed
         state = safe_torch_load(rng_path)

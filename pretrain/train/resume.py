@@ -2,6 +2,7 @@
 
 Checked before anything is loaded (one-line ``CheckpointError``):
   - the engine must read the checkpoint's format (single/DDP: model.pt; FSDP2: dcp/; DeepSpeed);
+  - the model settings that shape the weights must match (dropout rates may change);
   - ``optimizer.name`` and ``optimizer.hparams`` must match: the optimizer's hyperparameters are
     restored from the checkpoint with its state, so a changed value would be silently ignored.
 Applied after loading, and logged: ``optimizer.lr``, ``train.steps`` and ``schedule.*``. The
@@ -51,6 +52,7 @@ def check_resumable(path: Path, cfg, engine_kind: str) -> dict | None:
             f"resume with optimizer.name={old.get('name')}, or start from its weights with a fresh optimizer: "
             f"model.init_from={path} checkpoint.resume=none"
         )
+    _check_same_model(path, saved, cfg)
     old_h, new_h = old.get("hparams", {}), dict(cfg.optimizer.hparams)
     for key in sorted(set(old_h) | set(new_h)):
         if old_h.get(key) != new_h.get(key):
@@ -61,6 +63,27 @@ def check_resumable(path: Path, cfg, engine_kind: str) -> dict | None:
                 "checkpoint.resume=none"
             )
     return saved
+
+
+def _architecture(model: dict, seq_length) -> dict:
+    """The settings that shape the weights (dropout rates may change on resume)."""
+    arch = {f"model.{k}": model.get(k) for k in ("kind", "preset")}
+    arch.update({f"model.overrides.{k}": v for k, v in model.get("overrides", {}).items() if "dropout" not in k})
+    arch["train.seq_length"] = seq_length
+    return arch
+
+
+def _check_same_model(path: Path, saved: dict, cfg) -> None:
+    old = _architecture(saved.get("model", {}), saved.get("train", {}).get("seq_length"))
+    new = _architecture(cfg.model.model_dump(), cfg.train.seq_length)
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        def shown(d, k):
+            return "unset" if d.get(k) is None else repr(d.get(k))
+
+        said = ", ".join(f"{k}={shown(new, k)} (checkpoint: {shown(old, k)})" for k in diff[:3])
+        raise CheckpointError(f"{path} holds another model: {said}; resume with the checkpoint's model settings, "
+                              "or use another checkpoint.dir for a new model")
 
 
 def schedule_changes(saved: dict | None, cfg) -> list[str]:
