@@ -309,7 +309,7 @@ def test_changed_lr_and_longer_schedule_are_applied_on_resume(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optimizer.name=adafactor", "holds adalomo optimizer state and this run has optimizer.name=adafactor"),
     ("optimizer.hparams={decay_rate: -0.5}", "optimizer.hparams.decay_rate is -0.5"),
-    ("model.overrides={num_layers: 3}", r"holds another model: model.overrides.num_layers=3 \(checkpoint: None\)"),
+    ("model.overrides={num_layers: 3}", r"holds another model: model.overrides.num_layers=3 \(checkpoint: unset\)"),
 ])
 def test_incompatible_resume_is_a_one_line_refusal(tmp_path, override, message):
     run = tmp_path / "run"
