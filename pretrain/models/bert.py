@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.models.bert.bert_model import BertModel
 
-from pretrain import cpu_compat
+from pretrain.models import megatron_compat
 from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import BertConfig
 
@@ -32,7 +32,7 @@ class MegatronBert(BertModel):
         # BERT's GeLU is the exact erf form; megatron's fused bias-GeLU is the tanh approximation,
         # so that fusion stays off for BERT even on GPU.
         config = transformer_config(cfg, F.gelu, bias_activation_fusion=False)
-        backend = cpu_compat.resolve_attention_backend(cfg.attention_backend)
+        backend = megatron_compat.resolve_attention_backend(cfg.attention_backend)
         # The stock spec is a module-level object: copy before changing its attention.
         spec = set_core_attention(copy.deepcopy(bert_layer_local_spec), backend)
         super().__init__(
@@ -49,10 +49,10 @@ class MegatronBert(BertModel):
         self.model_config = cfg
 
     def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
-        # CPU workaround 3 (pretrain/cpu_compat.py): megatron's check needs TE for any attention
-        # other than its own DotProductAttention.
+        # CPU workaround 3 (pretrain/models/megatron_compat.py): megatron's check needs TE for
+        # any attention other than its own DotProductAttention.
         core = self.transformer_layer_spec.submodules.self_attention.submodules.core_attention
-        dims = cpu_compat.bert_attention_mask_dims(core)
+        dims = megatron_compat.bert_attention_mask_dims(core)
         return dims if dims is not None else super()._sanity_check_attention_and_get_attn_mask_dimension()
 
 

@@ -9,7 +9,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from pretrain import cpu_compat
+from pretrain.models import megatron_compat
 from pretrain.models.config import _TransformerArch
 
 
@@ -35,8 +35,8 @@ def transformer_config(
             f"padded vocab {arch.padded_vocab_size} not divisible by TP={tp}; raise "
             "make_vocab_size_divisible_by"
         )
-    backend = cpu_compat.resolve_attention_backend(arch.attention_backend)
-    flags = cpu_compat.fusion_flags(arch.fused_kernels)
+    backend = megatron_compat.resolve_attention_backend(arch.attention_backend)
+    flags = megatron_compat.fusion_flags(arch.fused_kernels)
     flags["bias_activation_fusion"] = flags["bias_activation_fusion"] and bias_activation_fusion
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -64,7 +64,7 @@ def set_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
     parameter names do not depend on the attention backend)."""
     attn = spec.submodules.self_attention.submodules
     if backend == "sdpa":
-        attn.core_attention = cpu_compat.SDPACoreAttention
+        attn.core_attention = megatron_compat.SDPACoreAttention
     elif backend == "local":
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -80,7 +80,7 @@ def set_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
 
 def gather_vocab(logits):
     """Gather vocab-parallel logits [..., V/TP] from the TP group into [..., V]."""
-    return cpu_compat.gather_last_dim(logits, parallel_state.get_tensor_model_parallel_group())
+    return megatron_compat.gather_last_dim(logits, parallel_state.get_tensor_model_parallel_group())
 
 
 def masked_mean(per_token_loss, loss_mask):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from pretrain import cpu_compat
+from pretrain.models import megatron_compat
 from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import GPTConfig
 
@@ -35,12 +35,12 @@ class MegatronGPT(GPTModel):
     """megatron-core GPTModel configured from a ``GPTConfig``; ``model_config`` keeps the latter."""
 
     def __init__(self, cfg: GPTConfig):
-        fused = cpu_compat.fusion_flags(cfg.fused_kernels)["bias_activation_fusion"]
+        fused = megatron_compat.fusion_flags(cfg.fused_kernels)["bias_activation_fusion"]
         # Megatron's fused bias-GeLU kernel (GPU) is the tanh approximation, i.e. exactly GPT-2's
         # activation, but it only fires for activation_func == F.gelu. Unfused we say it directly.
         activation = F.gelu if fused else gelu_tanh
         config = transformer_config(cfg, activation, bias_activation_fusion=True)
-        backend = cpu_compat.resolve_attention_backend(cfg.attention_backend)
+        backend = megatron_compat.resolve_attention_backend(cfg.attention_backend)
         super().__init__(
             config=config,
             transformer_layer_spec=set_core_attention(get_gpt_layer_local_spec(), backend),

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain import cpu_compat
+from pretrain.models import megatron_compat
 
 
 def ensure_process_group(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
@@ -28,7 +28,7 @@ def ensure_process_group(backend: Optional[str] = None, timeout_minutes: int = 3
     if dist.is_initialized():
         return
     if backend is None:
-        backend = "nccl" if cpu_compat.cuda_available() else "gloo"
+        backend = "nccl" if megatron_compat.cuda_available() else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
@@ -59,12 +59,12 @@ def init_model_parallel(
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
             if seed is not None:
-                cpu_compat.seed_all(seed)
+                megatron_compat.seed_all(seed)
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
     if seed is not None:
-        cpu_compat.seed_all(seed)
+        megatron_compat.seed_all(seed)
 
 
 def destroy_model_parallel(destroy_process_group: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Every place where this framework works around megatron-core on machines without CUDA.
+"""Every place where this framework works around megatron-core on machines without CUDA, and
+the GPU fast paths (fused kernels, stock / Transformer Engine attention) chosen in their place.
 
 megatron-core 0.16.1 is written for GPUs. Measured on CPU (torch 2.13, gloo), these parts fail;
 each line names the workaround that lives in this module and nowhere else:
@@ -16,8 +17,9 @@ each line names the workaround that lives in this module and nowhere else:
 3. ``BertModel`` checks its ``core_attention`` by identity against ``DotProductAttention`` and
    otherwise asks Transformer Engine for its version (bert_model.py), which fails without TE.
    -> ``bert_attention_mask_dims``, used by ``pretrain.models.bert.MegatronBert``.
-4. Rotary embeddings fail on CPU (rotary_pos_embedding.py). GPT-2 and BERT use learned absolute
-   positions, so nothing to do; ``check_supported`` refuses RoPE on CPU with a clear message.
+4. Rotary embeddings fail on CPU (rotary_pos_embedding.py). Nothing to do: GPT-2 and BERT use
+   learned absolute positions, fixed in ``pretrain.models.gpt`` / ``bert`` and not a config
+   setting. A config that makes RoPE selectable must refuse it on CPU.
 5. ``sequence_parallel=True`` needs a LayerNorm from Apex or TE (the torch LayerNorm wrapper
    asserts). Not exposed by our model configs.
 6. Gathering tensor-parallel outputs (``gather_from_tensor_model_parallel_region``, used for
@@ -99,14 +101,6 @@ def fusion_flags(fused_kernels: Optional[bool]) -> dict:
         # our engines (DeepSpeed / FSDP2 / DDP) own gradients, so this stays off everywhere.
         "gradient_accumulation_fusion": False,
     }
-
-
-def check_supported(position_embedding_type: str) -> None:
-    if position_embedding_type != "learned_absolute" and not cuda_available():
-        raise ValueError(
-            f"position_embedding_type={position_embedding_type!r} fails in megatron-core 0.16.1 "
-            "on CPU; use 'learned_absolute'"
-        )
 
 
 def seed_all(seed: int) -> None:
