@@ -359,8 +359,9 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
 
 
 def initial_weights(path: str, cfg) -> Dict[str, torch.Tensor]:
-    """Weights to start a run from (``model.init_from``, proposed): a checkpoint step dir of any
-    engine, or a local GPT2LMHeadModel directory (converted). The architecture must match ``cfg``."""
+    """Weights to start a run from (``model.init_from``, loaded by the trainer before the engine
+    shards parameters): a checkpoint step dir of any engine, or a local GPT2LMHeadModel directory
+    (converted). The architecture must match ``cfg``."""
     p = Path(path)
     arch = None
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():

@@ -3,7 +3,9 @@
 Noise: with n seeds a configuration's final validation loss is reported as mean +- half-range
 (half of max - min over seeds). Two optimizers differ *beyond noise* when their [min, max]
 intervals over seeds do not overlap. With 2 seeds this is a coarse test (it can neither prove
-a difference nor its absence); it is the one the issue asks for and it is stated as such.
+a difference nor its absence), but it needs no distributional assumption that 2 samples could
+not check; report.md spells the criterion out where it lists the verdicts, so a "beyond noise"
+is read as "intervals apart", not as statistical significance.
 """
 from __future__ import annotations
 
