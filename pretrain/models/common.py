@@ -10,7 +10,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.models import megatron_compat
-from pretrain.models.config import _TransformerArch
+from pretrain.models.config import TransformerArch
 
 
 def require_model_parallel() -> int:
@@ -24,7 +24,7 @@ def require_model_parallel() -> int:
 
 
 def transformer_config(
-    arch: _TransformerArch, activation_func: Callable, bias_activation_fusion: bool
+    arch: TransformerArch, activation_func: Callable, bias_activation_fusion: bool
 ) -> TransformerConfig:
     """The megatron TransformerConfig for an architecture, on the current TP layout."""
     tp = require_model_parallel()

@@ -18,7 +18,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
 
 
 @dataclass
-class _TransformerArch:
+class TransformerArch:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -66,7 +66,7 @@ class _TransformerArch:
 
 
 @dataclass
-class GPTConfig(_TransformerArch):
+class GPTConfig(TransformerArch):
     """GPT-2 layout: learned absolute positions, pre-LayerNorm blocks with a final LayerNorm,
     tanh-approximated GeLU (GPT-2's "gelu_new"), biases everywhere, tied input/output embeddings.
     """
@@ -75,7 +75,7 @@ class GPTConfig(_TransformerArch):
 
 
 @dataclass
-class BertConfig(_TransformerArch):
+class BertConfig(TransformerArch):
     """Megatron BERT: pre-LayerNorm blocks with a final LayerNorm (HF ``MegatronBertForMaskedLM``
     layout), exact (erf) GeLU, MLM head with tied decoder weights, optional binary (sentence
     order) head with a pooler, token-type embeddings when the binary head is on.
