@@ -1,10 +1,13 @@
-"""tools/bench_memory.py: the RSS meter, and the in-place tied-gradient fix it measures."""
+"""tools/bench_memory.py: the RSS meter, and the in-place tied gradient it measures
+(pretrain/models/tied_embedding.py)."""
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from pretrain.models.tied_embedding import tie_gradient_in_place
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +62,7 @@ def test_tied_gradient_in_place_gives_the_same_gradients(model_parallel_tp1, n_b
     model, cfg = _tiny()
     batches = [bench._batch(torch, cfg, 16, i) for i in range(n_batches)]
     ref = _grads(model, batches, accumulate)
-    bench.tie_gradient_in_place(model)
+    tie_gradient_in_place(model)
     seen = []
     emb = model.embedding.word_embeddings.weight
     h = emb.register_post_accumulate_grad_hook(lambda p: seen.append(1))
@@ -78,7 +81,7 @@ def test_tied_gradient_in_place_fused_adalomo_step_is_unchanged(model_parallel_t
     for tied in (False, True):
         model, cfg = _tiny()
         if tied:
-            bench.tie_gradient_in_place(model)
+            tie_gradient_in_place(model)
         opt = memopt.AdaLomo(model.parameters(), lr=1e-2)
         for step in range(2):
             opt.fused_backward(gpt_loss(model, bench._batch(torch, cfg, 16, step))[0])
