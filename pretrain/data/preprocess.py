@@ -137,6 +137,7 @@ def preprocess(
             "documents": writer.num_documents,
             "sequences": writer.num_sequences,
             "tokens": writer.num_tokens,
+            "max_token_id": writer.max_token_id,
             **(extra_metadata or {}),
         }
         writer.finalize(metadata=summary)
