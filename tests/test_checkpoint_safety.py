@@ -293,7 +293,7 @@ def test_checkpoint_without_manifest_still_resumes_with_a_warning(tmp_path):
 # -- what may change on resume ------------------------------------------------------------------
 
 def test_changed_lr_and_longer_schedule_are_applied_on_resume(tmp_path):
-    from pretrain.train.schedule import lr_multiplier
+    from pretrain.optim import lr_multiplier
 
     run = tmp_path / "run"
     _train(run, "train.steps=4", "optimizer.lr=1e-3", "schedule.warmup_steps=0")

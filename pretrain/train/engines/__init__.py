@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 
-from .base import Engine, optimizer_kwargs, use_fused_backward
+from .base import Engine, use_fused_backward
 from .torch_engines import DDPEngine, FSDP2Engine, SingleEngine
 
-__all__ = ["DDPEngine", "Engine", "FSDP2Engine", "SingleEngine", "build_engine", "optimizer_kwargs",
-           "select_engine_kind", "use_fused_backward"]
+__all__ = ["DDPEngine", "Engine", "FSDP2Engine", "SingleEngine", "build_engine", "select_engine_kind",
+           "use_fused_backward"]
 
 
 def select_engine_kind(cfg) -> str:

@@ -21,22 +21,6 @@ from ..dist import all_ranks_agree
 LossFn = Callable[[torch.nn.Module, dict], tuple]  # (model, batch) -> (loss, extra)
 
 
-def optimizer_kwargs(cfg) -> dict:
-    """Hyperparameters for memopt.create_optimizer from the run config."""
-    kw = dict(cfg.optimizer.hparams)
-    kw["lr"] = cfg.optimizer.lr
-    if cfg.optimizer.name == "adafactor":
-        # The run's schedule drives the lr; Adafactor's own time-dependent relative step is
-        # there for those who ask for it (hparams: {relative_step: true}, lr then ignored).
-        kw.setdefault("relative_step", False)
-        if kw["relative_step"]:
-            kw["lr"] = None
-    # Fused-backward optimizers clip inside backward (two-pass); the others are clipped by the engine.
-    if cfg.optimizer.name in FUSED_BACKWARD and cfg.train.clip_grad_norm is not None:
-        kw.setdefault("clip_grad_norm", cfg.train.clip_grad_norm)
-    return kw
-
-
 def use_fused_backward(cfg, engine_supports_it: bool = True, engine_name: str = "single") -> bool:
     """Fused backward is the default for lomo/adalomo where the engine supports it; with gradient
     accumulation it falls back to ordinary steps (documented), unless the user forced it on,

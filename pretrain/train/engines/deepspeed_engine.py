@@ -20,10 +20,10 @@ from pretrain.checkpoint.layout import DEEPSPEED_FULL_FILE, DEEPSPEED_TAG, DEEPS
 from pretrain.checkpoint.safe_load import safe_torch_load, weights_only_torch_load
 from pretrain.checkpoint.store import read_json
 from pretrain.errors import CheckpointError
+from pretrain.optim import build_scheduler, optimizer_kwargs
 
 from ..dist import dist_rank, dist_world
-from ..schedule import build_scheduler
-from .base import Engine, optimizer_kwargs, use_fused_backward
+from .base import Engine, use_fused_backward
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
 

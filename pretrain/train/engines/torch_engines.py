@@ -11,10 +11,10 @@ from memopt.registry import FUSED_BACKWARD
 from pretrain.checkpoint.layout import DCP_DIR, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_FULL_FILE, SCHEDULER_FILE
 from pretrain.checkpoint.safe_load import first_error_line, safe_dcp_reader, safe_torch_load
 from pretrain.errors import CheckpointError
+from pretrain.optim import build_scheduler, optimizer_kwargs
 
 from ..dist import dist_rank
-from ..schedule import build_scheduler
-from .base import Engine, optimizer_kwargs, use_fused_backward
+from .base import Engine, use_fused_backward
 
 
 class SingleEngine(Engine):
