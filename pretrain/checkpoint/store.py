@@ -20,7 +20,8 @@ import torch
 from pretrain.errors import CheckpointError
 from pretrain.train.dist import barrier, dist_rank
 
-from .layout import CONFIG_FILE, MANIFEST_FILE, TRAINER_FILE, checkpoint_name, rng_file, step_of
+from .layout import (CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_FILE,
+                     checkpoint_name, rng_file, step_of)
 from .manifest import has_manifest, verify_checkpoint, write_manifest
 from .safe_load import safe_torch_load
 
@@ -137,6 +138,31 @@ def save_checkpoint(ckpt_dir: Path, step: int, engine, trainer_state: dict, keep
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+    return final
+
+
+def write_single_checkpoint(ckpt_dir: Path, step: int, model_state: dict, trainer_state: dict, config_json: str,
+                            optimizer_state: dict | None = None, scheduler_state: dict | None = None) -> Path:
+    """A checkpoint in the single-process format written from states, without an engine (one
+    process only): ``model.pt``, ``optimizer.pt`` / ``scheduler.pt`` when given, ``trainer.json``,
+    ``config.json``, then the manifest; atomic like :func:`save_checkpoint`. No RNG files: a run
+    resuming it keeps its own seed, as when no RNG file matches its rank. Other checkpoints in
+    ``ckpt_dir`` are left alone (nothing is pruned). Returns the checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / (final.name + ".tmp")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, state in ((MODEL_FILE, model_state), (OPTIMIZER_FILE, optimizer_state), (SCHEDULER_FILE, scheduler_state)):
+        if state is not None:
+            torch.save(state, tmp / name)
+    (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
+    (tmp / CONFIG_FILE).write_text(config_json)
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
     return final
 
 
