@@ -268,7 +268,8 @@ def test_bert_exports_to_megatron_bert_for_masked_lm(tmp_path, model_parallel_tp
 
 def test_initial_weights_from_an_export_or_a_checkpoint(single, exported, model_parallel_tp1):
     """The helper behind the proposed model.init_from: both sources give the checkpoint's weights."""
-    from pretrain.export.hf import build_source_model, initial_weights, read_checkpoint
+    from pretrain.checkpoint import initial_weights
+    from pretrain.export.hf import build_source_model, read_checkpoint
 
     cfg = read_checkpoint(str(single[0])).cfg
     for source in (exported[0], single[0]):

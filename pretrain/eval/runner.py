@@ -1,7 +1,8 @@
 """Run lm-eval on an HF export (``hf`` model) or on a checkpoint in memory (``MegatronGPTLM``).
 
 Bad input (a missing or foreign model directory, an unknown task, a task whose data is not
-available offline, a non-positive limit) raises ``EvalError`` or ``ExportError`` with one line,
+available offline, a non-positive limit) raises ``EvalError``, ``ExportError`` or (an unreadable
+checkpoint) ``CheckpointError`` with one line,
 before any model is loaded where it can be checked up front.
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ class EvalError(UserError, ValueError):
 def build_checkpoint_lm(checkpoint: str, run_config: Optional[str] = None, tokenizer: Optional[str] = None,
                         batch_size: int = 8):
     """Our GPT with a checkpoint's weights (any engine), wrapped for lm-eval."""
+    from pretrain.checkpoint import read_checkpoint
     from pretrain.data.tokenizer import SentencePieceTokenizer
     from pretrain.export.errors import ExportError
-    from pretrain.export.hf import build_source_model, read_checkpoint
+    from pretrain.export.hf import build_source_model
 
     from .lm import MegatronGPTLM
 

@@ -20,11 +20,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from pretrain.models.config import BertConfig, GPTConfig, get_preset
-from pretrain.models.hf_compat import bert_to_hf, gpt_to_hf
+from pretrain import checkpoint
+from pretrain.checkpoint import Source
+from pretrain.models.config import GPTConfig
+from pretrain.models.hf_compat import (HFCompatError, IncompleteHFWeights, bert_to_hf, gpt_config_from_hf, gpt_to_hf,
+                                       hf_classes, hf_to_gpt, load_hf_model)
 
 from .errors import ExportError
-from .readers import find_run_config, load_model_state, read_trainer_state
+from .readers import as_export_error, load_model_state
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOL = 1e-4
@@ -50,31 +53,6 @@ class Report:
 
 # -- the source model ---------------------------------------------------------------------------
 
-def resolve_path(p: str, base: Optional[Path] = None) -> str:
-    """A path from a run config: as given, else relative to the config's dir, else the repo root."""
-    cands = [Path(p)] + ([base / p] if base else []) + [ROOT / p]
-    for c in cands:
-        if c.exists():
-            return str(c)
-    raise ExportError(f"{p}: not found (tried {', '.join(str(c) for c in cands)})")
-
-
-def model_config_from_run(run_cfg: dict, tokenizer_vocab: Optional[int]):
-    """The architecture the trainer built for this run config (same rules as pretrain.train.trainer)."""
-    m = run_cfg.get("model", {})
-    kind = m.get("kind", "gpt")
-    overrides = dict(m.get("overrides", {}))
-    if tokenizer_vocab is not None:
-        overrides.setdefault("vocab_size", tokenizer_vocab)
-    seq = run_cfg.get("train", {}).get("seq_length")
-    if seq:
-        overrides["seq_length"] = seq
-    # Evaluation is deterministic and runs on CPU: no dropout, SDPA attention.
-    overrides.update(hidden_dropout=0.0, attention_dropout=0.0)
-    overrides["attention_backend"] = "sdpa"  # same weights under every backend; sdpa runs anywhere
-    return get_preset(m.get("preset", "demo"), kind, **overrides)
-
-
 def ensure_model_parallel() -> None:
     from megatron.core import parallel_state
 
@@ -98,33 +76,11 @@ def build_source_model(cfg, state_dict: Dict[str, torch.Tensor]):
     return model
 
 
-@dataclass
-class Source:
-    kind: str
-    cfg: object
-    state_dict: Dict[str, torch.Tensor]
-    fmt: str
-    tokenizer: str
-    step: int
-
-
 def read_checkpoint(ckpt: str, run_config: Optional[str] = None, tokenizer: Optional[str] = None) -> Source:
-    """Everything needed to rebuild the model of checkpoint ``ckpt`` (any engine)."""
-    from pretrain.data.tokenizer import SentencePieceTokenizer
-
-    ckpt = Path(ckpt)
-    state = read_trainer_state(ckpt)
-    cfg_path = Path(run_config) if run_config else find_run_config(ckpt)
-    try:
-        run_cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"cannot read run config {cfg_path}: {e}") from None
-    tok_path = tokenizer or resolve_path(run_cfg.get("data", {}).get("tokenizer", "data/tokenizer/spm_bpe_8k.model"),
-                                         cfg_path.parent)
-    tok = SentencePieceTokenizer(tok_path)
-    cfg = model_config_from_run(run_cfg, tok.vocab_size)
-    sd, fmt = load_model_state(ckpt)
-    return Source(kind=cfg.kind, cfg=cfg, state_dict=sd, fmt=fmt, tokenizer=tok_path, step=int(state.get("step", 0)))
+    """Everything needed to rebuild the model of checkpoint ``ckpt`` (any engine); see
+    ``pretrain.checkpoint.read_checkpoint``."""
+    with as_export_error():
+        return checkpoint.read_checkpoint(ckpt, run_config, tokenizer)
 
 
 # -- fixed validation batch ---------------------------------------------------------------------
@@ -174,21 +130,13 @@ def hf_state_and_config(src: Source):
     return hf_sd, hf_cfg, "MegatronBertForMaskedLM"
 
 
-def _hf_classes(name: str):
-    import transformers
-
-    cfg_cls = {"GPT2LMHeadModel": transformers.GPT2Config,
-               "MegatronBertForMaskedLM": transformers.MegatronBertConfig}[name]
-    return cfg_cls, getattr(transformers, name)
-
-
 def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None) -> str:
     """Write config.json + model.safetensors for ``src``. ``transform`` (tests) may alter the
     mapped HF state dict before it is written."""
     hf_sd, hf_cfg, cls_name = hf_state_and_config(src)
     if transform is not None:
         hf_sd = transform(hf_sd)
-    cfg_cls, model_cls = _hf_classes(cls_name)
+    cfg_cls, model_cls = hf_classes(cls_name)
     config = cfg_cls(**hf_cfg, architectures=[cls_name], bos_token_id=2, eos_token_id=3, pad_token_id=0)
     model = model_cls(config)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
@@ -202,27 +150,14 @@ def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None) ->
 
 
 def load_hf(out_dir: str, cls_name: Optional[str] = None):
-    """Load an export with transformers (safetensors only; never pickles)."""
-    cfg_path = Path(out_dir) / "config.json"
-    if cls_name is None:
-        try:
-            cls_name = json.loads(cfg_path.read_text())["architectures"][0]
-        except (OSError, json.JSONDecodeError, KeyError, IndexError) as e:
-            raise ExportError(f"{cfg_path}: cannot read the export's config: {e}") from None
-    _, model_cls = _hf_classes(cls_name)
-    if not (Path(out_dir) / "model.safetensors").is_file():
-        raise ExportError(f"{out_dir}: no model.safetensors")
+    """Load an export with transformers (safetensors only; never pickles); weights that do not
+    fill the class fail validation."""
     try:
-        model, info = model_cls.from_pretrained(out_dir, use_safetensors=True, dtype=torch.float32,
-                                                output_loading_info=True, local_files_only=True)
-    except Exception as e:
-        raise ExportError(f"cannot load the export {out_dir} with transformers (corrupt or truncated?): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise ValidationError(f"{out_dir}: export does not fill {cls_name}: missing {missing[:5]}, "
-                              f"unexpected {info.get('unexpected_keys', [])[:5]}, mismatched {info.get('mismatched_keys', [])[:5]}")
-    return model.eval()
+        return load_hf_model(out_dir, cls_name)
+    except IncompleteHFWeights as e:
+        raise ValidationError(str(e)) from None
+    except HFCompatError as e:
+        raise ExportError(str(e)) from None
 
 
 def validate_export(src: Source, out_dir: str, tol: float = DEFAULT_TOL) -> float:
@@ -252,78 +187,22 @@ def export(ckpt: str, out_dir: str, run_config: Optional[str] = None, tokenizer:
 
 # -- reverse: HF GPT-2 -> our checkpoint --------------------------------------------------------
 
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of ``hf_compat.split_qkv``: [all q][all k][all v] -> per-head [q k v] groups."""
-    rest = q.shape[1:]
-    parts = [t.reshape(num_heads, t.shape[0] // num_heads, *rest) for t in (q, k, v)]
-    return torch.stack(parts, dim=1).reshape(-1, *rest)
-
-
-def gpt_config_from_hf(hf_cfg) -> GPTConfig:
-    act = getattr(hf_cfg, "activation_function", "gelu_new")
-    problems = []
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"activation_function={act!r} (ours is tanh-GeLU)")
-    if not getattr(hf_cfg, "tie_word_embeddings", True):
-        problems.append("untied output embeddings")
-    if getattr(hf_cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(hf_cfg, "scale_attn_weights", True):
-        problems.append("non-standard attention scaling")
-    if problems:
-        raise ExportError("this GPT2LMHeadModel cannot be represented exactly: " + "; ".join(problems))
-    return GPTConfig(num_layers=hf_cfg.n_layer, hidden_size=hf_cfg.n_embd, num_attention_heads=hf_cfg.n_head,
-                     seq_length=hf_cfg.n_positions, vocab_size=hf_cfg.vocab_size,
-                     ffn_hidden_size=hf_cfg.n_inner or 4 * hf_cfg.n_embd, layernorm_epsilon=hf_cfg.layer_norm_epsilon,
-                     hidden_dropout=0.0, attention_dropout=0.0, init_method_std=hf_cfg.initializer_range,
-                     attention_backend="sdpa")
-
-
-def hf_to_gpt(hf_sd: Dict[str, torch.Tensor], cfg: GPTConfig) -> Dict[str, torch.Tensor]:
-    """Inverse of ``hf_compat.gpt_to_hf``: GPT2LMHeadModel weights -> our names (padded vocab
-    rows are zeros; they never reach the logits)."""
-    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in hf_sd.items()}
-    wte = sd["wte.weight"]
-    word = torch.zeros(cfg.padded_vocab_size, cfg.hidden_size, dtype=wte.dtype)
-    word[: cfg.vocab_size] = wte
-    out = {
-        "embedding.word_embeddings.weight": word,
-        "embedding.position_embeddings.weight": sd["wpe.weight"],
-        "decoder.final_layernorm.weight": sd["ln_f.weight"],
-        "decoder.final_layernorm.bias": sd["ln_f.bias"],
-    }
-    h, n = cfg.hidden_size, cfg.num_attention_heads
-    for i in range(cfg.num_layers):
-        s, d = f"h.{i}.", f"decoder.layers.{i}."
-        w = sd[s + "attn.c_attn.weight"].t()
-        b = sd[s + "attn.c_attn.bias"]
-        out.update({
-            d + "input_layernorm.weight": sd[s + "ln_1.weight"],
-            d + "input_layernorm.bias": sd[s + "ln_1.bias"],
-            d + "self_attention.linear_qkv.weight": merge_qkv(w[:h], w[h:2 * h], w[2 * h:], n),
-            d + "self_attention.linear_qkv.bias": merge_qkv(b[:h], b[h:2 * h], b[2 * h:], n),
-            d + "self_attention.linear_proj.weight": sd[s + "attn.c_proj.weight"].t(),
-            d + "self_attention.linear_proj.bias": sd[s + "attn.c_proj.bias"],
-            d + "pre_mlp_layernorm.weight": sd[s + "ln_2.weight"],
-            d + "pre_mlp_layernorm.bias": sd[s + "ln_2.bias"],
-            d + "mlp.linear_fc1.weight": sd[s + "mlp.c_fc.weight"].t(),
-            d + "mlp.linear_fc1.bias": sd[s + "mlp.c_fc.bias"],
-            d + "mlp.linear_fc2.weight": sd[s + "mlp.c_proj.weight"].t(),
-            d + "mlp.linear_fc2.bias": sd[s + "mlp.c_proj.bias"],
-        })
-    return {k: v.float().contiguous().clone() for k, v in out.items()}
-
-
 def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, overrides=(),
                 tokenizer: Optional[str] = None, tol: float = DEFAULT_TOL) -> dict:
     """A local ``GPT2LMHeadModel`` directory -> ``out_dir/checkpoints/step_00000000`` in the
-    single-process format (model.pt, fresh optimizer.pt / scheduler.pt, trainer.json) plus
+    single-process format (model.pt, fresh optimizer.pt / scheduler.pt, trainer.json, config.json,
+    manifest; written by ``pretrain.checkpoint``, no training engine involved) plus
     ``out_dir/config.json``, so ``checkpoint.resume=<that path>`` (or ``auto`` with
     ``output_dir=out_dir``) continues pretraining from the HF weights. Validated: our model with
     the converted weights must give the HF model's logits within ``tol``."""
+    import memopt
+
     from pretrain.config import dump_config, load_run_config
-    from pretrain.train.engines import SingleEngine
+    from pretrain.optim import build_scheduler, optimizer_kwargs
 
     hf = load_hf(hf_dir, "GPT2LMHeadModel")
-    cfg = gpt_config_from_hf(hf.config)
+    with as_export_error():
+        cfg = gpt_config_from_hf(hf.config)
     sd = hf_to_gpt(hf.state_dict(), cfg)
     model = build_source_model(cfg, sd)
     tokens = validation_batch(cfg)
@@ -339,42 +218,19 @@ def import_gpt2(hf_dir: str, out_dir: str, base_config: Optional[str] = None, ov
     ov = [f"output_dir={out_dir}", "model.kind=gpt", "model.preset=tiny", "model.overrides={" + ", ".join(f"{k}: {v!r}" for k, v in arch.items()) + "}",
           f"train.seq_length={cfg.seq_length}"] + ([f"data.tokenizer={os.path.abspath(tok)}"] if tok else []) + list(overrides)
     run_cfg = load_run_config(base_config or str(ROOT / "configs/gpt_tiny.yaml"), ov)
-    # the run's own dropout settings apply when training (the model above was built without)
-    full_overrides = dict(run_cfg.model.overrides)
-    run_cfg.model.overrides = full_overrides
-    train_model = build_source_model(cfg, sd).train()
-    engine = SingleEngine(train_model, run_cfg)
-    step_dir = Path(out_dir) / "checkpoints" / "step_00000000"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    engine.save(step_dir)
-    (Path(out_dir) / "config.json").write_text(dump_config(run_cfg))
-    (step_dir / "trainer.json").write_text(json.dumps(dict(step=0, consumed_samples=0, tokens=0, nonfinite_skipped_steps=0,
-                                                           world_size=1, engine="single", imported_from=str(hf_dir)),
-                                                      indent=1))
+    # The optimizer and schedule a run with this config starts with (their state is what
+    # checkpoint.resume loads; only the parameter count and order of ``model`` matter to it).
+    optimizer = memopt.create_optimizer(run_cfg.optimizer.name, model.parameters(), **optimizer_kwargs(run_cfg))
+    scheduler = build_scheduler(optimizer, run_cfg.train.steps, run_cfg.schedule.warmup_steps, run_cfg.schedule.decay,
+                                run_cfg.schedule.min_lr_ratio)
+    config_json = dump_config(run_cfg)
+    trainer_state = dict(step=0, consumed_samples=0, tokens=0, nonfinite_skipped_steps=0, world_size=1,
+                         engine="single", imported_from=str(hf_dir))
+    step_dir = checkpoint.write_single_checkpoint(Path(out_dir) / "checkpoints", 0, model.state_dict(), trainer_state,
+                                                  config_json, optimizer.state_dict(), scheduler.state_dict())
+    (Path(out_dir) / "config.json").write_text(config_json)
     # the written checkpoint reads back to the same function
     back, _ = load_model_state(step_dir)
     diff_back = compare(source_logits(build_source_model(cfg, back), cfg, tokens), hf_logits(hf, cfg, tokens), tol,
                         f"checkpoint {step_dir}")
     return dict(checkpoint=str(step_dir), max_abs_diff=max(diff, diff_back), tol=tol, config=str(Path(out_dir) / "config.json"))
-
-
-def initial_weights(path: str, cfg) -> Dict[str, torch.Tensor]:
-    """Weights to start a run from (``model.init_from``, loaded by the trainer before the engine
-    shards parameters): a checkpoint step dir of any engine, or a local GPT2LMHeadModel directory
-    (converted). The architecture must match ``cfg``."""
-    p = Path(path)
-    arch = None
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        try:
-            arch = json.loads((p / "config.json").read_text()).get("architectures", [None])[0]
-        except (OSError, json.JSONDecodeError):
-            arch = None
-    if arch == "GPT2LMHeadModel":
-        hf = load_hf(str(p), arch)
-        hf_cfg = gpt_config_from_hf(hf.config)
-        if not isinstance(cfg, GPTConfig) or (hf_cfg.num_layers, hf_cfg.hidden_size, hf_cfg.num_attention_heads,
-                                              hf_cfg.vocab_size) != (cfg.num_layers, cfg.hidden_size,
-                                                                     cfg.num_attention_heads, cfg.vocab_size):
-            raise ExportError(f"{path}: architecture differs from the run's model config")
-        return hf_to_gpt(hf.state_dict(), cfg)
-    return load_model_state(p)[0]

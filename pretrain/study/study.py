@@ -52,11 +52,11 @@ class StudyPlan:
 
 def tokens_per_step(config: str, overrides: list[str]) -> tuple[int, int, int]:
     """(micro_batch_size, seq_length, tokens per optimizer step) of a config on one process."""
+    from pretrain.checkpoint import model_config
     from pretrain.config import load_run_config
-    from pretrain.models import get_preset
 
     cfg = load_run_config(config, [f"data.tokenizer={ROOT / 'data/tokenizer/spm_bpe_8k.model'}", *overrides])
-    seq = cfg.train.seq_length or get_preset(cfg.model.preset, cfg.model.kind).seq_length
+    seq = model_config(cfg).seq_length  # the vocabulary does not change the tokens per step
     mbs = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     return mbs, seq, mbs * seq
 

@@ -12,10 +12,10 @@ total from where the run stands.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pretrain.checkpoint.layout import CONFIG_FILE, detect_format
+from pretrain.checkpoint.run_config import read_run_config
 from pretrain.errors import CheckpointError
 
 _FORMAT_OF_ENGINE = {"single": "torch", "ddp": "torch", "fsdp2": "dcp", "deepspeed": "deepspeed"}
@@ -25,12 +25,7 @@ _ENGINES_OF_FORMAT = {"torch": "single or ddp", "dcp": "fsdp2", "deepspeed": "de
 def saved_config(path: Path) -> dict | None:
     """The run config stored in a checkpoint (None for checkpoints from before it was stored)."""
     f = Path(path) / CONFIG_FILE
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+    return read_run_config(f) if f.is_file() else None
 
 
 def check_resumable(path: Path, cfg, engine_kind: str) -> dict | None:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pretrain.checkpoint import load_checkpoint, resolve_resume
+from pretrain.checkpoint import load_checkpoint, model_config, resolve_resume
 from pretrain.config import RunConfig, dump_config
 from pretrain.errors import UserError
 
@@ -90,18 +90,14 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def _setup(self) -> None:
         from pretrain.data import build_loader, load_tokenizer
-        from pretrain.models import build_model, get_preset, init_model_parallel
+        from pretrain.models import build_model, init_model_parallel
 
         cfg = self.cfg
         init_model_parallel(tensor_parallel_size=1, seed=cfg.train.seed)  # also the process group
         world = dist_world()
         kind = select_engine_kind(cfg)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        overrides = dict(cfg.model.overrides)
-        overrides.setdefault("vocab_size", tokenizer.vocab_size)
-        if cfg.train.seq_length:
-            overrides["seq_length"] = cfg.train.seq_length
-        model_cfg = get_preset(cfg.model.preset, self.task.kind, **overrides)
+        model_cfg = model_config(cfg, tokenizer.vocab_size, kind=self.task.kind)
 
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
         n_evals = cfg.train.steps // cfg.train.eval_every + 1 if cfg.train.eval_every else 0
@@ -205,7 +201,7 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None,
 
 
 def _init_weights(model, source: str, model_cfg) -> None:
-    from pretrain.export.hf import initial_weights
+    from pretrain.checkpoint import initial_weights
 
     missing, unexpected = model.load_state_dict(initial_weights(source, model_cfg), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
