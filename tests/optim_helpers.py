@@ -1,4 +1,4 @@
-"""Shared helpers for the optimizer tests: the tensor shapes the issue names and a driver."""
+"""Shared helpers for the optimizer tests: the tensor shapes every optimizer is checked on (1-D, square, tall, wide, 3-D) and a driver."""
 from __future__ import annotations
 
 import torch

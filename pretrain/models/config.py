@@ -34,7 +34,7 @@ class TransformerArch:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     # "auto" (TE on GPU when installed, else SDPA), "sdpa", "local" (megatron's stock attention,
-    # GPU only) or "te" (Transformer Engine). See pretrain/cpu_compat.py.
+    # GPU only) or "te" (Transformer Engine). See pretrain/models/megatron_compat.py.
     attention_backend: str = "auto"
     # Megatron's jit fusions; None = on when CUDA is available.
     fused_kernels: Optional[bool] = None
