@@ -137,7 +137,8 @@ def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None) ->
     if transform is not None:
         hf_sd = transform(hf_sd)
     cfg_cls, model_cls = hf_classes(cls_name)
-    config = cfg_cls(**hf_cfg, architectures=[cls_name], bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    # bos is </s> as in the tokenizer (pretrain/export/tokenizer.py): what starts a document here
+    config = cfg_cls(**hf_cfg, architectures=[cls_name], bos_token_id=3, eos_token_id=3, pad_token_id=0)
     model = model_cls(config)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}

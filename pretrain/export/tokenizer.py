@@ -65,9 +65,13 @@ def build_hf_tokenizer(spm_path: str, model_max_length: int = 1024):
         dec.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(dec)
     extra = [t for t in BERT_SPECIAL_TOKENS if sp.has_bert_tokens]
+    # bos_token is </s>, as GPT-2's is its end-of-text: the models here are trained on documents
+    # delimited by </s> and never see <s>, and lm-eval's hf model prefixes an empty context (a
+    # rolling-perplexity window) with the tokenizer's bos, so the export needs no prefix_token_id.
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token="<unk>", bos_token="</s>", eos_token="</s>",
+        additional_special_tokens=["<s>"],
         **({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"} if extra else {}),
         model_max_length=model_max_length,
         split_special_tokens=True,
