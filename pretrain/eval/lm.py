@@ -4,8 +4,8 @@ Scores exactly what lm-eval's ``hf`` model scores on the exported GPT2LMHeadMode
 tokens (the sentencepiece model; the export's HF tokenizer has identical ids), the same
 context/continuation split (``TemplateLM._encode_pair``), the same left truncation to the model's
 positions, the same rolling windows for perplexity, and the same prefix token for an empty
-context (</s>, the end-of-document token the model was trained with; the ``hf`` route is given
-``prefix_token_id=3`` to match).
+context (</s>, the end-of-document token the model was trained with, which the export's tokenizer
+names as its bos, the token lm-eval's ``hf`` model prefixes with).
 """
 from __future__ import annotations
 

@@ -68,8 +68,10 @@ def evaluate(tasks: Sequence[str] = LOCAL_TASKS, hf: Optional[str] = None, check
     kw = dict(tasks=load_tasks(tm, tasks), task_manager=tm, limit=limit, log_samples=False, bootstrap_iters=0,
               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if hf is not None:
-        # batch_size=1: no padding, so the hf route's arithmetic matches the in-memory route's
-        args = f"pretrained={hf},dtype=float32,prefix_token_id=3,trust_remote_code=False"
+        # batch_size=1: no padding, so the hf route's arithmetic matches the in-memory route's. No
+        # prefix_token_id: the export's tokenizer carries it (bos = </s>), so the stock lm_eval CLI
+        # on the same export gives the same numbers.
+        args = f"pretrained={hf},dtype=float32,trust_remote_code=False"
         return lm_eval.simple_evaluate(model="hf", model_args=args, batch_size=1, device="cpu", **kw)
     if lm is None:
         lm = build_checkpoint_lm(checkpoint, run_config, tokenizer, batch_size)
@@ -108,12 +110,22 @@ def load_tasks(tm, names: Sequence[str]) -> list:
         try:
             got = tm.load([name])
         except (OSError, ImportError) as e:  # datasets' offline and not-found errors are OSErrors
-            raise EvalError(f"task {name!r}: cannot load its data ({type(e).__name__}: {e}); standard lm-eval "
-                            "tasks need their dataset in the local Hugging Face cache (evaluation runs offline)") from None
+            raise EvalError(f"task {name!r}: cannot load its data ({type(e).__name__}: {e}); {_how_to_provide(e)}") from None
         obj = got["groups"].get(name, got["tasks"].get(name))
         # A tag or a YAML path has no object of its own name: lm-eval loads it again from the name.
         out.append(obj if obj is not None else name)
     return out
+
+
+def _how_to_provide(e: BaseException) -> str:
+    # datasets names the Hub dataset in its message ("Couldn't reach 'org/name' on the Hub"); the
+    # hint then shows the exact call that fills the cache.
+    import re
+
+    m = re.search(r"'([\w.-]+/[\w.-]+)'", str(e))
+    fetch = f"datasets.load_dataset('{m.group(1)}')" if m else "datasets.load_dataset(<its dataset_path>)"
+    return (f"standard lm-eval tasks read their dataset from the local Hugging Face cache (evaluation runs "
+            f"offline): run {fetch} where there is network and copy ~/.cache/huggingface (or $HF_HOME) here")
 
 
 def results_table(results: dict) -> str:
