@@ -24,7 +24,11 @@ from .factored import (
     factored_stats,
     factored_update_into,
     sharded_factors,
+    stacked_dense_u,
+    stacked_factored_u,
 )
+from .multitensor import clip_divisor as stacked_clip_divisor
+from .multitensor import apply_update_, commit, expand, norms, per_param, stacked
 from .sharding import Reducer
 
 
@@ -126,6 +130,41 @@ class FactoredSecondMoment(MemoptOptimizer):
     def _beta2(self, group: dict, step: int) -> float:
         return decay_beta(step, group["decay_rate"])
 
+    def _step_size_t(self, group: dict, t: torch.Tensor):
+        """rho_t of the sync-free path: a number, or (N,) from the device steps ``t``."""
+        return group["lr"]
+
+    def _foreach_update(self, ws, grads, states, group, t):
+        """The reference rule on a stack of N parameters (``MemoptOptimizer._foreach_update``)."""
+        eps1, eps2 = group["eps"]
+        one_minus_beta = t.pow(group["decay_rate"])
+        beta = 1.0 - one_minus_beta
+        if grads.dim() >= 3:
+            u, ok = stacked_factored_u(grads, states, beta, one_minus_beta, eps1)
+        else:
+            u, ok = stacked_dense_u(grads, states, beta, one_minus_beta, eps1)
+        div = stacked_clip_divisor(u, group["clip_threshold"])
+        lr_t = per_param(self._step_size_t(group, t), t)
+        if group["scale_parameter"]:
+            lr_t = lr_t * (norms(ws) / math.sqrt(max(u[0].numel(), 1))).clamp_(min=eps2)
+        # A skipped parameter gets step size 0 and a zero update: W, M and the decay stay exact.
+        lr_t = torch.where(ok, lr_t, 0.0)
+        keep = expand(ok, u.dim())
+        beta1 = group.get("beta1")
+        wd = group["weight_decay"]
+        decay = lr_t * wd if wd else None
+        if beta1 is None:
+            u.mul_(expand(-lr_t / div, u.dim())).masked_fill_(~keep, 0.0)
+            apply_update_(ws, u, decay, self.multiplicative_decay)
+            return ok
+        # M = beta1*M + (1-beta1)*U, then W = W*decay - lr_t*M; beta1 -> 1 and U -> 0 where skipped.
+        u.mul_(expand((1.0 - beta1) / div, u.dim())).masked_fill_(~keep, 0.0)
+        mom = stacked(states, "exp_avg")
+        mom.mul_(expand(torch.where(ok, beta1, 1.0), u.dim())).add_(u)
+        commit(states, "exp_avg", mom)
+        apply_update_(ws, torch.mul(mom, expand(-lr_t, u.dim()), out=u), decay, self.multiplicative_decay)
+        return ok
+
     def _update(self, p, grad, state, group, step):
         eps1, eps2 = group["eps"]
         beta = self._beta2(group, step)
@@ -204,6 +243,9 @@ class Adafactor(FactoredSecondMoment):
         relative_step: time-dependent step size instead of ``lr``.
         warmup_init: linear warm-up of the relative step.
         on_nonfinite: "skip" (default) or "raise" for gradients holding inf/nan.
+        foreach: None (default: True on accelerators, False on CPU), True (the sync-free
+            multi-tensor path), False (the per-parameter, cache-blocked reference path).
+        fused: None or False; True (fused kernels) is not available yet and raises.
     """
 
     def __init__(
@@ -219,6 +261,8 @@ class Adafactor(FactoredSecondMoment):
         relative_step: bool = True,
         warmup_init: bool = False,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         if lr is not None and relative_step:
             raise ValueError("Adafactor: lr must be None when relative_step=True (pass relative_step=False to use lr)")
@@ -235,12 +279,18 @@ class Adafactor(FactoredSecondMoment):
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init,
         )
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
 
     def _step_size(self, group, step):
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             return min(min_step, 1.0 / math.sqrt(step))
+        return group["lr"]
+
+    def _step_size_t(self, group, t):
+        if group["relative_step"]:
+            min_step = t * 1e-6 if group["warmup_init"] else 1e-2
+            return torch.clamp(t.rsqrt(), max=min_step)
         return group["lr"]
 
 

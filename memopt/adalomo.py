@@ -29,6 +29,9 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         clip_grad_value: element-wise gradient clamp.
         loss_scale: initial dynamic loss scale, used only when the loss or parameters are fp16.
         on_nonfinite: "skip" (default) or "raise".
+        foreach: None (default: True on accelerators, False on CPU), True (the sync-free
+            multi-tensor path), False (the per-parameter, cache-blocked reference path).
+        fused: None or False; True (fused kernels) is not available yet and raises.
     """
 
     multiplicative_decay = True  # lomo_optim's rounding: W *= 1 - lr_t * weight_decay
@@ -46,6 +49,8 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         loss_scale: float = 2.0**10,
         loss_scale_growth_interval: int = 1000,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         check_positive("lr", lr)
         check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay)
@@ -56,5 +61,5 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         super().__init__(
             params, defaults, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
             loss_scale=loss_scale, loss_scale_growth_interval=loss_scale_growth_interval,
-            on_nonfinite=on_nonfinite,
+            on_nonfinite=on_nonfinite, foreach=foreach, fused=fused,
         )

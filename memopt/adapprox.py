@@ -11,7 +11,17 @@ from typing import Any, Iterable
 
 import torch
 
-from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite, rms
+from .base import (
+    MemoptOptimizer,
+    NonFiniteGradientError,
+    all_finite,
+    check_beta,
+    check_nonnegative,
+    check_positive,
+    host_int,
+    is_finite,
+    rms,
+)
 from .sharding import Reducer
 from .lowrank import answer_requests, next_rank, relative_error, residual_norms_, s_rsi_steps, second_moment_operator
 
@@ -129,6 +139,12 @@ class Adapprox(MemoptOptimizer):
             param group (so it is saved with the state dict); keep it equal across groups.
         on_nonfinite: "skip" (default: the parameter's step is skipped and counted in
             ``state["nonfinite_skips"]``) or "raise" (``memopt.base.NonFiniteGradientError``).
+        foreach: None (default: True on accelerators, False on CPU), True, False. True is the
+            sync-free path: every per-parameter decision (skip, scale, clip, error) is made on
+            the device, and the one host sync of a step reads all the AS-RSI rank decisions (and
+            skip flags) at once, at its end, because the rank sets the shapes of Q and U. The
+            parameters are still sketched one by one (see docs/adapprox.md, "Step time").
+        fused: None or False; True (fused kernels) is not available yet and raises.
 
     State per parameter (all fp32 tensors, full logical shapes): ``Q``, ``U`` (matrices),
     ``exp_avg_sq`` (vectors), ``exp_avg`` (when beta1 > 0); ``rank`` (the rank the next sketch
@@ -164,6 +180,8 @@ class Adapprox(MemoptOptimizer):
         vhat_floor: str = "grad",
         seed: int = 0,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -173,7 +191,7 @@ class Adapprox(MemoptOptimizer):
             vhat_floor=vhat_floor, seed=seed,
         )
         self._extra_indices = 0
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
 
     # -- hyperparameters ------------------------------------------------------------------
     @staticmethod
@@ -420,6 +438,115 @@ class Adapprox(MemoptOptimizer):
         dk = group["dk"] if group["dk"] is not None else math.ceil(0.02 * group["k_max"])
         state["rank"] = next_rank(k, error, group["xi"], dk, k_min, k_max)
 
+    # -- the sync-free path (foreach=True) -----------------------------------------------------
+    def _step_foreach(self, items, transform=None, gate=None):
+        """Every parameter's update with its decisions on the device; then one host sync for all
+        the rank decisions (they set Q and U's shapes) and skip flags, which are committed after
+        it. The step counters stay Python ints: the step seeds the next sketch on the host."""
+        pending = []
+        for p, g, group in items:
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._new_state(p, p, None, state, group, p.device)
+            g32 = g.float()
+            if transform is not None:
+                g32 = transform(g32, group)
+            if gate is not None:
+                g32 = g32.masked_fill(~gate, float("nan"))
+            work = p if p.dtype == torch.float32 else p.detach().float()
+            step = host_int(state["step"]) + 1
+            ok, sketch = self._device_update(work, g32, state, group, step)
+            if work is not p:
+                p.copy_(work)  # unchanged where skipped: an exact round trip
+            pending.append((p, state, group, step, ok, sketch))
+        if not pending:
+            return []
+        oks = torch.stack([x[4] for x in pending])
+        errors = [x[5][3].to(torch.float64) for x in pending if x[5] is not None]
+        flags = torch.cat([oks.to(torch.float64)] + [e.reshape(1) for e in errors]).tolist()  # the one sync
+        error_of = iter(flags[len(pending):])
+        failed = None
+        for (p, state, group, step, _ok, sketch), applied in zip(pending, flags):
+            error = next(error_of) if sketch is not None else None
+            if applied:
+                state["step"] = step
+                if sketch is not None:
+                    q, u, k, _ = sketch
+                    m, n = p.shape[-2], p.shape[-1]
+                    state["Q"] = q.view(*p.shape[:-1], k)
+                    state["U"] = u.view(*p.shape[:-2], n, k)
+                    self._next_rank(state, group, k, error, *self._rank_limits(m, n, group))
+            elif gate is None or bool(gate):
+                state["nonfinite_skips"] = host_int(state["nonfinite_skips"]) + 1
+                if group["on_nonfinite"] == "raise" and failed is None:
+                    failed = (p, step)
+        if failed is not None:
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: non-finite gradient for a parameter of shape "
+                f"{tuple(failed[0].shape)} at step {failed[1]}; pass on_nonfinite='skip' to skip such steps"
+            )
+        return list(oks.unbind(0))
+
+    def _device_update(self, p, grad, state, group, step):
+        """The reference update with device-side decisions: returns (ok, sketch), ok a 0-d bool;
+        p and the element-wise state are updated where ok (masks), Q and U not at all: sketch is
+        (Q, U, k, error) for the caller to commit, None for a vector."""
+        if p.numel() == 0:
+            return torch.ones((), dtype=torch.bool, device=p.device), None
+        c2, eps, step_size = self._corrections(group, step)
+        if p.dim() < 2:
+            beta2 = group["betas"][1]
+            g2 = grad * grad
+            ok = torch.isfinite(g2.sum())
+            v = state["exp_avg_sq"]
+            v.copy_(torch.where(ok, v * beta2 + g2 * (1.0 - beta2), v))
+            uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
+            u_rms = rms(uhat)
+            ok = ok & torch.isfinite(u_rms)
+            self._apply_masked(p, uhat.masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
+                               _clip_scale_t(c2, u_rms, group), group, step_size, ok)
+            return ok, None
+        m, n = p.shape[-2], p.shape[-1]
+        g = grad.reshape(-1, m, n)
+        B = g.shape[0]
+        beta2 = group["betas"][1]
+        buf = torch.mul(g, g)
+        g2_sum = buf.sum()
+        ok = torch.isfinite(g2_sum)
+        g2_mean = g2_sum / buf.numel()
+        g2_mean = torch.where(g2_mean == 0, 1.0, g2_mean)
+        k_prev = state["Q"].shape[-1]
+        q_prev = state["Q"].view(B, m, k_prev)
+        u_prev = state["U"].view(B, n, k_prev)
+        apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
+        k, sketch = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
+        q, u = answer_requests(sketch, apply_v, apply_vt)
+        v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
+        error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+        uhat = _uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
+        u_sq = torch.linalg.vector_norm(uhat).double().square()
+        ok = ok & torch.isfinite(error) & torch.isfinite(u_sq)
+        u_rms = (u_sq / p.numel()).sqrt().float()
+        self._apply_masked(p, uhat.view(p.shape).masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
+                           _clip_scale_t(c2, u_rms, group), group, step_size, ok)
+        return ok, (q, u, k, error)
+
+    @staticmethod
+    def _apply_masked(w, uhat, exp_avg, u_scale, group, step_size, ok) -> None:
+        """``_apply`` with a device ``u_scale`` and mask ``ok`` (``uhat`` already 0 where not ok)."""
+        beta1 = group["betas"][0]
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        u_scale = torch.where(ok, u_scale, 0.0)  # 0 * nan would be nan
+        if decay != 1.0:
+            w.mul_(torch.where(ok, decay, 1.0))
+        if exp_avg is None:
+            w.addcmul_(uhat, u_scale * -group["lr"])
+        else:
+            exp_avg.mul_(torch.where(ok, beta1, 1.0)).addcmul_(uhat, u_scale * (1.0 - beta1))
+            w.addcmul_(exp_avg, torch.where(ok, -step_size, 0.0))
+
     def _update(self, p, grad, state, group, step):
         if p.numel() == 0:
             return True
@@ -528,6 +655,12 @@ def _clip_scale(c2: float, uhat_rms: float, group: dict) -> float:
     """Step 5 as one scalar on the stored uhat: the true Uhat is c2 * uhat (bias correction),
     divided by max(1, RMS(Uhat) / clip_threshold) over the whole tensor."""
     return c2 / max(1.0, c2 * uhat_rms / group["clip_threshold"])
+
+
+def _clip_scale_t(c2: float, uhat_rms: torch.Tensor, group: dict) -> torch.Tensor:
+    """``_clip_scale`` with the RMS on the device."""
+    # nan where the gradient was not finite: the caller's mask turns it into a zero step.
+    return c2 / torch.clamp(uhat_rms * (c2 / group["clip_threshold"]), min=1.0)
 
 
 # -- the local pieces of a sharded step (memopt.sharding.Layout pieces) ------------------------

@@ -19,6 +19,13 @@ supplies the rest, identically for all of them:
   computes exactly the single-process update. Plain local tensors keep the per-parameter fast path.
 * ``step()`` itself, once: a subclass that changes gradients first (clipping, loss scaling:
   ``memopt.fused``) returns a transform from ``_gradient_transform`` instead of its own step.
+* two execution paths with torch.optim's meaning of ``foreach`` / ``fused`` (``resolve_foreach``):
+  the per-parameter, cache-blocked *reference* path (``foreach=False``; the CPU default) and the
+  *sync-free* multi-tensor path (``foreach=True``; the default on accelerators), where the
+  parameters of one group with the same shape and dtype are stepped together as one stack
+  (``_foreach_update``), every skip decision is a device-side mask, and the counters
+  ``state["step"]`` / ``state["nonfinite_skips"]`` are 0-d device tensors, so ``step()`` never
+  waits for the device. ``on_nonfinite="raise"`` must look at the mask, so it syncs once per step.
 * the public contract that checkpoints and engines use (``memopt.sharding.LayoutOptimizer``):
   ``logical_params()``, ``ensure_state()``, ``suspended()``, ``bind_fragments()``, ``fragments``.
 """
@@ -39,6 +46,31 @@ from .sharding import Layout, LogicalParam, Unit, dtensor_layout, is_dtensor
 GradTransform = Callable[[torch.Tensor, dict], torch.Tensor]
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+FUSED_UNAVAILABLE = (
+    "fused=True (fused Triton/C++ kernels) is not available in memopt yet; use foreach=True "
+    "(the sync-free multi-tensor path) or leave fused=None"
+)
+
+
+def check_foreach_fused(foreach, fused) -> None:
+    """torch.optim's ``foreach`` / ``fused`` flags: None or a bool; fused kernels do not exist yet."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    if fused:
+        raise NotImplementedError(FUSED_UNAVAILABLE)
+
+
+def resolve_foreach(group: dict, device: torch.device) -> bool:
+    """The path a parameter of ``group`` on ``device`` takes (torch's meaning of None: the
+    fastest correct choice for the device). None -> the sync-free multi-tensor path on any
+    accelerator, where a host sync drains the stream; the blocked reference path on CPU, where
+    it measured faster (docs/benchmarks/optimizers_foreach.md) and there is no stream to drain."""
+    foreach = group.get("foreach")
+    if foreach is None:
+        return device.type != "cpu"
+    return foreach
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -73,12 +105,14 @@ class MemoptOptimizer(Optimizer):
     #: True when the subclass implements ``_init_sharded_state`` and ``_sharded_update``.
     supports_sharding = False
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], on_nonfinite: str = "skip"):
+    def __init__(self, params: Iterable, defaults: dict[str, Any], on_nonfinite: str = "skip",
+                 foreach: bool | None = None, fused: bool | None = None):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
             )
-        defaults = dict(defaults, on_nonfinite=on_nonfinite)
+        check_foreach_fused(foreach, fused)
+        defaults = dict(defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
         self._group_shapes: dict[int, list] = {}
         self._fragments: dict[torch.Tensor, list] = {}
         self._fragment_group: dict[torch.Tensor, dict] = {}
@@ -100,6 +134,19 @@ class MemoptOptimizer(Optimizer):
         """
         raise NotImplementedError
 
+    def _foreach_update(self, ws: list[torch.Tensor], grads: torch.Tensor, states: list[dict], group: dict,
+                        t: torch.Tensor) -> torch.Tensor:
+        """The sync-free update of N parameters of one group with the same shape.
+
+        ``ws``: the N fp32 tensors to update in place (the parameters, or views of one fp32 stack
+        for low-precision ones); ``grads``: their fp32 gradients stacked, (N, *shape), the
+        caller's copy (free to overwrite); ``t``: (N,) float32 1-based steps of this update.
+        Returns ok, (N,) bool on the device: parameter i and its state must be left unchanged
+        where ok[i] is False, by masks rather than branches, and nothing may be read back to the
+        host (no .item(), float(), bool(), .tolist() of a device value).
+        """
+        raise NotImplementedError
+
     def _init_sharded_state(self, layout: Layout, state: dict, group: dict, device=None) -> None:
         """Create the state of one sharded parameter (local pieces; see ``memopt.sharding``)."""
         raise NotImplementedError(
@@ -117,6 +164,7 @@ class MemoptOptimizer(Optimizer):
 
     # -- public API -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        check_foreach_fused(param_group.get("foreach"), param_group.get("fused"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
@@ -299,7 +347,7 @@ class MemoptOptimizer(Optimizer):
         failed = None
         for k, us in by_pg.items():
             for u in us:
-                u.step = u.state["step"] + 1
+                u.step = host_int(u.state["step"]) + 1
             applied = self._sharded_update(us, pgs[k])
             for u, ok in zip(us, applied):
                 if ok:
@@ -345,25 +393,89 @@ class MemoptOptimizer(Optimizer):
         with_grad = [(p, group) for group in live for p in group["params"] if p.grad is not None]
         transform = self._gradient_transform(with_grad)
         units: list[Unit] = []
+        stacked: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
         for p, group in with_grad:
             if self._is_sharded(p):
                 for u in self._units_for(p, p.grad, group):
                     if transform is not None:
                         u.grad = transform(u.grad, group)
                     units.append(u)
+            elif resolve_foreach(group, p.device):
+                stacked.append((p, p.grad, group))
             else:
                 self.update_param(p, p.grad if transform is None else transform(p.grad, group), group)
+        if stacked:
+            self._step_foreach(stacked, transform)
         if units:
             self._step_units(units)
         return loss
 
+    def _step_foreach(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]],
+                      transform: GradTransform | None = None, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The sync-free path for whole (unsharded) parameters: (param, grad, group) items.
+
+        Parameters of one group with the same shape and dtype form one class and are stepped
+        together (``_foreach_update``), so a step dispatches a fixed number of ops per class,
+        whatever the depth of the model. ``gate`` (a 0-d bool on the device, e.g. "the fp16 loss
+        scale did not overflow") turns the whole step into a no-op that counts no skip.
+        Returns the ok mask of every item, in order.
+        """
+        classes: dict[tuple, tuple[dict, list]] = {}
+        for i, (p, g, group) in enumerate(items):
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._new_state(p, p, None, state, group, p.device)
+            device_counters(state, p.device)
+            key = (id(group), tuple(p.shape), p.dtype, g.dtype, p.device)
+            classes.setdefault(key, (group, []))[1].append((i, p, g, state))
+        oks: list[torch.Tensor | None] = [None] * len(items)
+        raising = []
+        for group, members in classes.values():
+            ps = [m[1] for m in members]
+            states = [m[3] for m in members]
+            # The stack is a copy, so an update may overwrite it: a gradient is never modified.
+            grads = torch.stack([m[2] for m in members])
+            if grads.dtype != torch.float32:
+                grads = grads.float()
+            if transform is not None:
+                grads = transform(grads, group)
+            if gate is not None:
+                grads.masked_fill_(~gate, float("nan"))
+            low_precision = ps[0].dtype != torch.float32
+            ws = list(torch.stack(ps).float().unbind(0)) if low_precision else ps
+            steps = [st["step"] for st in states]
+            ok = self._foreach_update(ws, grads, states, group, torch.stack(steps) + 1)
+            torch._foreach_add_(steps, ok.to(torch.float32).unbind(0))
+            skipped = ~ok if gate is None else ~ok & gate
+            torch._foreach_add_([st["nonfinite_skips"] for st in states], skipped.to(torch.int64).unbind(0))
+            if low_precision:
+                torch._foreach_copy_(ps, ws)
+            for (i, *_), o in zip(members, ok.unbind(0)):
+                oks[i] = o
+            if group["on_nonfinite"] == "raise":
+                raising.append((ps[0], ok, states))
+        for p, ok, states in raising:
+            if not bool(ok.all()):  # the one host sync of this path: "raise" has to know
+                raise NonFiniteGradientError(
+                    f"{type(self).__name__}: non-finite gradient for a parameter of shape {tuple(p.shape)}; "
+                    "pass on_nonfinite='skip' to skip such steps"
+                )
+        return oks
+
     @torch.no_grad()
-    def update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict | None = None) -> bool:
-        """Apply one update to ``p`` from ``grad``; returns False if it was skipped (non-finite)."""
+    def update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict | None = None):
+        """Apply one update to ``p`` from ``grad``; returns False if it was skipped (non-finite).
+
+        On the sync-free path (``foreach``) it returns that answer as a 0-d bool tensor on the
+        device instead (reading it is the caller's sync)."""
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if group is None:
             group = self.group_of(p)
+        if not self._is_sharded(p) and resolve_foreach(group, p.device):
+            return self._step_foreach([(p, grad, group)])[0]
         if self._is_sharded(p):
             # A sharded parameter alone (fused backward): its phases' collectives run for it alone.
             units = self._units_for(p, grad, group)
@@ -378,7 +490,7 @@ class MemoptOptimizer(Optimizer):
     def _apply_local(self, p, grad, state, group, shape, target=None) -> bool:
         work = p if p.dtype == torch.float32 else p.detach().float()
         g32 = grad if grad.dtype == torch.float32 else grad.float()
-        step = state["step"] + 1
+        step = host_int(state["step"]) + 1
         if not self._update(work, g32, state, group, step):
             state["nonfinite_skips"] += 1
             if group["on_nonfinite"] == "raise":
@@ -425,6 +537,25 @@ def optimizer_state_bytes(opt: Optimizer) -> int:
     for s in opt.state.values():
         visit(s)
     return total
+
+
+def host_int(x) -> int:
+    """A counter as a Python int: the reference path's counters are ints, the sync-free path's
+    0-d device tensors (a parameter may move between the two, e.g. through a checkpoint)."""
+    return int(x) if torch.is_tensor(x) else x
+
+
+def device_counters(state: dict, device: torch.device) -> None:
+    """Make ``state["step"]`` / ``state["nonfinite_skips"]`` 0-d tensors on ``device`` (float32 as
+    torch's capturable step; int64), so the sync-free path can advance them by masks."""
+    for key, dtype in (("step", torch.float32), ("nonfinite_skips", torch.int64)):
+        v = state[key]
+        if torch.is_tensor(v):
+            if v.device != device or v.dtype != dtype:
+                state[key] = v.to(device=device, dtype=dtype)
+        else:
+            # torch.full, not torch.tensor: a fill on the device, no host-to-device copy.
+            state[key] = torch.full((), v, dtype=dtype, device=device)
 
 
 def all_finite(xs: list[torch.Tensor]) -> list[bool]:

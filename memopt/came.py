@@ -20,7 +20,11 @@ from .factored import (
     row_slices,
     scratch_buffer,
     sharded_factors,
+    stacked_dense_u,
+    stacked_factored_u,
 )
+from .multitensor import clip_divisor as stacked_clip_divisor
+from .multitensor import apply_update_, commit, expand, stacked
 from .sharding import Reducer
 
 
@@ -34,6 +38,9 @@ class CAME(MemoptOptimizer):
         betas: (beta1 first moment, beta2 second moment, beta3 instability).
         weight_decay: W -= lr * weight_decay * W.
         on_nonfinite: "skip" (default) or "raise".
+        foreach: None (default: True on accelerators, False on CPU), True (the sync-free
+            multi-tensor path), False (the per-parameter, cache-blocked reference path).
+        fused: None or False; True (fused kernels) is not available yet and raises.
     """
 
     def __init__(
@@ -45,6 +52,8 @@ class CAME(MemoptOptimizer):
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         if lr is None:
             raise ValueError("CAME: lr is required (e.g. lr=2e-4)")
@@ -60,7 +69,7 @@ class CAME(MemoptOptimizer):
         check_positive("clip_threshold", clip_threshold)
         check_nonnegative("weight_decay", weight_decay)
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas), weight_decay=weight_decay)
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
 
     def _init_state(self, p, state, group):
         kw = dict(dtype=torch.float32, device=p.device)
@@ -210,3 +219,40 @@ class CAME(MemoptOptimizer):
                 apply_weight_decay(wb, lr * wd, multiplicative=False)
                 wb.addcmul_(torch.mul(m[sl], ra[sl, None], out=scratch[: k * cols_n].view(k, cols_n)), rs)
         return True
+
+    def _foreach_update(self, ws, grads, states, group, t):
+        """The reference rule on a stack of N parameters (``MemoptOptimizer._foreach_update``)."""
+        beta1, beta2, beta3 = group["betas"]
+        eps1, eps2 = group["eps"]
+        lr, wd = group["lr"], group["weight_decay"]
+        factored = grads.dim() >= 3
+        if factored:
+            u, ok = stacked_factored_u(grads, states, beta2, 1.0 - beta2, eps1)
+        else:
+            u, ok = stacked_dense_u(grads, states, beta2, 1.0 - beta2, eps1)
+        keep = expand(ok, u.dim())
+        # Zeroing U and keeping beta1 at 1 where the gradient is not finite leaves M exact there.
+        u.div_(expand(stacked_clip_divisor(u, group["clip_threshold"]), u.dim())).masked_fill_(~keep, 0.0)
+        mom = stacked(states, "exp_avg")
+        mom.mul_(expand(torch.where(ok, beta1, 1.0), u.dim())).add_(u, alpha=1.0 - beta1)
+        commit(states, "exp_avg", mom)
+        lr_t = torch.where(ok, lr, 0.0)
+        decay = lr_t * wd if wd else None
+        if not factored:
+            apply_update_(ws, torch.mul(mom, expand(-lr_t, u.dim()), out=u), decay)
+            return ok
+        # The instability (U - M)^2 + eps2, its factored EMA (beta3), then the confident step.
+        n_params = u.shape[0]
+        m, n = u.shape[-2], u.shape[-1]
+        res = u.sub_(mom).square_().view(n_params, -1, m, n)
+        rr_old = stacked(states, "exp_avg_res_row").view(n_params, -1, m)
+        rc_old = stacked(states, "exp_avg_res_col").view(n_params, -1, n)
+        rr = rr_old * beta3 + (res.sum(-1) / n + eps2) * (1.0 - beta3)
+        rc = rc_old * beta3 + (res.sum(-2) / m + eps2) * (1.0 - beta3)
+        commit(states, "exp_avg_res_row", rr, rr_old, ok)
+        commit(states, "exp_avg_res_col", rc, rc_old, ok)
+        ra = torch.rsqrt(rr / rr.mean(-1, keepdim=True)).mul_(expand(-lr_t, 3))
+        step = torch.mul(mom.view(n_params, -1, m, n), ra.unsqueeze(-1), out=res).mul_(torch.rsqrt(rc).unsqueeze(-2))
+        step.masked_fill_(~expand(ok, 4), 0.0)
+        apply_update_(ws, step.view_as(u), decay)
+        return ok

@@ -127,6 +127,11 @@ def load_full_state_dict(opt: LayoutOptimizer, sd: dict, names=None) -> None:
             cur = st.get(key)
             if cur is None:
                 raise KeyError(f"{name}: saved state {key!r} is unknown to {type(opt).__name__}")
+            if not torch.is_tensor(cur):
+                # A counter saved by the sync-free path (a 0-d tensor) into a state holding ints:
+                # either path reads both forms.
+                st[key] = v.detach().clone()
+                continue
             kind = _kind_of(opt, key, layout)
             extra = () if kind == "elem" else _extra_dims(v, layout, kind, local=False)
             if kind == "elem":

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .multitensor import commit
+
 # Elements per row block: large enough that per-block overhead is small (every op is a parallel
 # region whose thread synchronisation costs a scheduler quantum when the cores are shared: 512K
 # blocks measured 8x slower than 2M blocks on the 2-core CI machine under load), small enough
@@ -207,3 +209,55 @@ def sharded_factors(
     else:
         rsum = r.view(L.B, m).sum(dim=1)
     return torch.rsqrt(r / (rsum / m)[L.row_matrix(r.device)]), torch.rsqrt(c)
+
+
+# -- the same statistics for a stack of N same-shaped parameters (the sync-free path) ---------------
+def stacked_factored_u(grads: torch.Tensor, states: list[dict], beta, one_minus_beta, eps1: float,
+                       row_key: str = "exp_avg_sq_row", col_key: str = "exp_avg_sq_col"):
+    """The factored second moment of N parameters at once, without a host sync.
+
+    ``grads`` (N, *lead, m, n) fp32, overwritten with U = G * a[:, None] * s[None, :]; ``beta``
+    (N,) the EMA coefficient of each. The new factors are committed to ``states`` only where the
+    gradient is finite. Returns (U, ok (N,) bool). ``beta`` and ``1 - beta`` come separately (numbers or
+    (N,) tensors): 1 - beta rounded from an fp32 beta near 1 would lose digits (1e-5 at 0.999). Whole-matrix passes instead of the reference
+    path's cache-sized row blocks: on an accelerator each op is one kernel over the whole stack.
+    """
+    n_params = grads.shape[0]
+    m, n = grads.shape[-2], grads.shape[-1]
+    g = grads.view(n_params, -1, m, n)
+    g2 = g.square()
+    row_sq = g2.sum(-1)
+    col_sq = g2.sum(-2)
+    del g2
+    ok = torch.isfinite(row_sq.sum((1, 2)))
+    b, ob = _per_matrix(beta, 3), _per_matrix(one_minus_beta, 3)
+    r_old = torch.stack([st[row_key] for st in states]).view(n_params, -1, m)
+    c_old = torch.stack([st[col_key] for st in states]).view(n_params, -1, n)
+    # The reference's order of operations (factored_stats / commit_factors), for its round-off.
+    r = (row_sq + eps1 * n) * (ob / n) + r_old * b
+    c = c_old * b + (col_sq / m + eps1) * ob
+    commit(states, row_key, r, r_old, ok)
+    commit(states, col_key, c, c_old, ok)
+    a = torch.rsqrt(r / r.mean(-1, keepdim=True))
+    s = torch.reciprocal(c).sqrt_()
+    g.mul_(a.unsqueeze(-1)).mul_(s.unsqueeze(-2))
+    return grads, ok
+
+
+def stacked_dense_u(grads: torch.Tensor, states: list[dict], beta, one_minus_beta, eps1: float,
+                    key: str = "exp_avg_sq"):
+    """Vectors' dense second moment v = b v + (1-b)(G*G + eps1) for a stack of N, and U = G / sqrt(v)
+    written over ``grads``; v committed where the gradient is finite. Returns (U, ok)."""
+    n_params = grads.shape[0]
+    g2 = grads.square()
+    ok = torch.isfinite(g2.reshape(n_params, -1).sum(1))
+    b, ob = _per_matrix(beta, grads.dim()), _per_matrix(one_minus_beta, grads.dim())
+    v_old = torch.stack([st[key] for st in states])
+    v = v_old * b + (g2 + eps1) * ob
+    commit(states, key, v, v_old, ok)
+    return grads.mul_(v.rsqrt()), ok
+
+
+
+def _per_matrix(x, ndim: int):
+    return x.view(x.shape[0], *([1] * (ndim - 1))) if torch.is_tensor(x) else x

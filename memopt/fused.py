@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import GradTransform, MemoptOptimizer, check_positive
+from .base import GradTransform, MemoptOptimizer, check_positive, resolve_foreach
 from .sharding import Reducer, dtensor_layout, is_dtensor
 
 # The reference adds this to the norm before dividing (lomo_optim); kept for parity.
@@ -41,6 +41,10 @@ class DynamicLossScaler:
     """Loss scale for fp16 backward: halve on overflow, double after ``growth_interval`` clean steps.
 
     (The LOMO reference never grows its scale back; this one does, as torch.amp.GradScaler.)
+
+    On the sync-free path (``foreach``) ``scale``, ``clean_steps`` and ``overflows`` are 0-d
+    tensors on the parameters' device and ``update`` takes the overflow as a device bool, so the
+    loss scale is decided without a host sync (read them with float()/int()).
     """
 
     scale: float = 2.0**16
@@ -50,7 +54,34 @@ class DynamicLossScaler:
     clean_steps: int = 0
     overflows: int = 0
 
-    def update(self, overflow: bool) -> None:
+    def to_device(self, device: torch.device) -> None:
+        """Hold the counters as 0-d tensors on ``device`` (the sync-free path)."""
+        for key, dtype in (("scale", torch.float32), ("clean_steps", torch.int64), ("overflows", torch.int64)):
+            v = getattr(self, key)
+            if torch.is_tensor(v):
+                if v.device != device:
+                    setattr(self, key, v.to(device=device, dtype=dtype))
+            else:
+                setattr(self, key, torch.full((), v, dtype=dtype, device=device))
+
+    def to_host(self) -> None:
+        """Hold the counters as Python numbers again (the reference path; one sync)."""
+        if torch.is_tensor(self.scale):
+            self.scale = float(self.scale)
+            self.clean_steps = int(self.clean_steps)
+            self.overflows = int(self.overflows)
+
+    def update(self, overflow) -> None:
+        if torch.is_tensor(overflow):
+            self.to_device(overflow.device)
+            self.overflows = self.overflows + overflow.to(torch.int64)
+            clean = torch.where(overflow, 0, self.clean_steps + 1)
+            grow = clean >= self.growth_interval
+            grown = torch.where(grow, self.scale * self.factor, self.scale)
+            self.scale = torch.where(overflow, torch.clamp(self.scale / self.factor, min=self.min_scale), grown)
+            self.clean_steps = torch.where(grow, 0, clean)
+            return
+        self.to_host()
         if overflow:
             self.overflows += 1
             self.clean_steps = 0
@@ -78,6 +109,8 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         loss_scale: float = 2.0**16,
         loss_scale_growth_interval: int = 1000,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         check_positive("clip_grad_norm", clip_grad_norm, allow_none=True)
         check_positive("clip_grad_value", clip_grad_value, allow_none=True)
@@ -85,7 +118,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         if loss_scale_growth_interval < 1:
             raise ValueError(f"loss_scale_growth_interval must be >= 1, got {loss_scale_growth_interval!r}")
         defaults = dict(defaults, clip_grad_value=clip_grad_value)
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
         self.clip_grad_norm = clip_grad_norm
         self.loss_scaler = DynamicLossScaler(scale=float(loss_scale), growth_interval=loss_scale_growth_interval)
 
@@ -110,13 +143,16 @@ class FusedBackwardOptimizer(MemoptOptimizer):
     def prepare_grad(self, g: torch.Tensor, group: dict, coef: float | None = None,
                      unscale: float | None = None) -> torch.Tensor:
         """The gradient an update uses: fp32, divided by the loss scale ``unscale``, clamped to
-        the group's ``clip_grad_value``, times the global-norm clip coefficient ``coef``."""
+        the group's ``clip_grad_value``, times the global-norm clip coefficient ``coef``.
+
+        On the sync-free path ``coef`` and ``unscale`` are 0-d device tensors; a tensor ``coef``
+        always multiplies (a factor of exactly 1 leaves g unchanged, bit for bit)."""
         g = g.float()
         if unscale is not None:
             g = g / unscale  # a power of two: exact
         if group["clip_grad_value"] is not None:
             g = g.clamp(-group["clip_grad_value"], group["clip_grad_value"])
-        if coef is not None and coef < 1.0:
+        if coef is not None and (torch.is_tensor(coef) or coef < 1.0):
             g = g * coef
         return g
 
@@ -155,9 +191,20 @@ class FusedBackwardOptimizer(MemoptOptimizer):
     def _local_grad(g):
         return g.to_local() if is_dtensor(g) else g
 
+    def _all_sync_free(self, pairs) -> bool:
+        return bool(pairs) and all(
+            not self._is_sharded(p) and resolve_foreach(group, p.device) for p, group in pairs)
+
+    def _device_clip_coef(self, sq_total: torch.Tensor) -> torch.Tensor:
+        """min(1, max_norm / (||g|| + 1e-6)) as a 0-d tensor from the squared global norm."""
+        return torch.clamp(self.clip_grad_norm / (sq_total.sqrt() + _NORM_EPS), max=1.0)
+
     def _gradient_transform(self, with_grad) -> GradTransform:
         coef = None
-        if self.clip_grad_norm:
+        if self.clip_grad_norm and self._all_sync_free(with_grad):
+            sq = torch._foreach_norm([p.grad for p, _ in with_grad], 2, dtype=torch.float32)
+            coef = self._device_clip_coef(torch.stack(sq).square().sum())
+        elif self.clip_grad_norm:
             coef = self._global_clip_coef([(p, self._sq_norm(self._local_grad(p.grad))) for p, _ in with_grad])
         return lambda g, group: self.prepare_grad(g, group, coef, None)
 
@@ -184,7 +231,11 @@ class FusedBackwardOptimizer(MemoptOptimizer):
                 "updates inside each backward, so it cannot accumulate micro-batches. Call "
                 "zero_grad(set_to_none=True) first, or use loss.backward() + step() for accumulation."
             )
+        if self._all_sync_free(params):
+            return self._fused_backward_sync_free(loss, params, recompute_loss)
         scaled = self._uses_loss_scaling(loss)
+        if scaled:
+            self.loss_scaler.to_host()
         unscale = self.loss_scaler.scale if scaled else None
         scaled_loss = loss * unscale if scaled else loss
 
@@ -227,6 +278,50 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         self._run_backward(scaled_loss, params, update, retain_graph=False)
         if scaled:
             self.loss_scaler.update(overflow=False)
+        return True
+
+    def _fused_backward_sync_free(self, loss, params, recompute_loss):
+        """``fused_backward`` on the sync-free path: the clip coefficient, the loss scale and the
+        overflow decision stay on the device, and the hooks never wait for it. An fp16 overflow
+        therefore cannot skip the second backward pass: it runs, with every update masked off
+        (``gate``), and the return value is the device bool "applied"."""
+        scaled = self._uses_loss_scaling(loss)
+        unscale = None
+        if scaled:
+            self.loss_scaler.to_device(params[0][0].device)
+            unscale = self.loss_scaler.scale
+        scaled_loss = loss * unscale if scaled else loss
+        coef = gate = None
+        two_pass = self.clip_grad_norm is not None or scaled
+        if two_pass:
+            sq = {}
+
+            def collect(p):
+                g = self._local_grad(p.grad)
+                p.grad = None
+                sq[p] = self._sq_norm(g if unscale is None else g.float() / unscale)
+
+            self._run_backward(scaled_loss, params, collect, retain_graph=recompute_loss is None)
+            # Summed in parameter order, as the reference path does, for the same round-off.
+            sq_norms = [sq[p] for p, _ in params if p in sq]
+            total = torch.stack(sq_norms).sum() if sq_norms else torch.zeros((), device=params[0][0].device)
+            if scaled:
+                gate = torch.isfinite(total)
+            if self.clip_grad_norm is not None:
+                coef = self._device_clip_coef(total)
+
+        def update(p):
+            g = p.grad
+            p.grad = None
+            group = self.group_of(p)
+            self._step_foreach([(p, self.prepare_grad(g, group, coef, unscale), group)], gate=gate)
+
+        if recompute_loss is not None and two_pass:
+            scaled_loss = recompute_loss() * unscale if scaled else recompute_loss()
+        self._run_backward(scaled_loss, params, update, retain_graph=False)
+        if scaled:
+            self.loss_scaler.update(~gate)
+            return gate
         return True
 
     @staticmethod

@@ -11,6 +11,7 @@ from .base import all_finite, check_nonnegative, check_positive, is_finite
 from .sharding import Reducer
 from .factored import row_slices
 from .fused import FusedBackwardOptimizer
+from .multitensor import apply_update_, expand
 
 
 # 32 MiB blocks: a block checked by the dot product is still in the (large, shared) L3 cache
@@ -29,6 +30,9 @@ class Lomo(FusedBackwardOptimizer):
         loss_scale: initial dynamic loss scale, used only when the loss or parameters are fp16;
             halved on overflow, doubled after ``loss_scale_growth_interval`` clean steps.
         on_nonfinite: "skip" (default) or "raise".
+        foreach: None (default: True on accelerators, False on CPU), True (the sync-free
+            multi-tensor path), False (the per-parameter reference path).
+        fused: None or False; True (fused kernels) is not available yet and raises.
     """
 
     def __init__(
@@ -41,6 +45,8 @@ class Lomo(FusedBackwardOptimizer):
         loss_scale: float = 2.0**16,
         loss_scale_growth_interval: int = 1000,
         on_nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
@@ -48,6 +54,7 @@ class Lomo(FusedBackwardOptimizer):
             params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value, loss_scale=loss_scale,
             loss_scale_growth_interval=loss_scale_growth_interval, on_nonfinite=on_nonfinite,
+            foreach=foreach, fused=fused,
         )
 
     def _init_state(self, p, state, group):
@@ -68,6 +75,9 @@ class Lomo(FusedBackwardOptimizer):
             if fine:
                 _sgd_(u.param, u.grad, u.group["lr"], u.group["weight_decay"])
         return ok
+
+    def _foreach_update(self, ws, grads, states, group, t):
+        return _foreach_lomo(ws, grads, group)
 
     def _update(self, p, grad, state, group, step):
         lr, wd = group["lr"], group["weight_decay"]
@@ -94,6 +104,15 @@ class Lomo(FusedBackwardOptimizer):
             _sgd_(w[sl], gb, lr, wd)
             done.append(sl)
         return True
+
+
+def _foreach_lomo(ws, grads, group):
+    lr, wd = group["lr"], group["weight_decay"]
+    n_params = grads.shape[0]
+    ok = torch.isfinite(torch.linalg.vector_norm(grads.reshape(n_params, -1), dim=1))
+    grads.masked_fill_(~expand(ok, grads.dim()), 0.0)
+    apply_update_(ws, grads, torch.where(ok, lr * wd, 0.0) if wd else None, multiplicative=True, alpha=-lr)
+    return ok
 
 
 def _sgd_(w: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:

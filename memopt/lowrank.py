@@ -139,7 +139,7 @@ def residual_norms_(
     Q: torch.Tensor,
     U: torch.Tensor,
     beta2: float,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(||V||_F, ||V - Q U^T||_F) / scale per matrix, V = beta2*Q_prev U_prev^T + (1-beta2)*S.
 
@@ -160,6 +160,15 @@ def residual_norms_(
     That is right at the thresholds in use (xi = 1e-3, 5e-4), so the rank decision would be
     noise. The residual is accurate down to ~1e-6 for two rank-k GEMMs and two norms.
     """
+    if torch.is_tensor(scale):
+        # A device scale (the sync-free path): baddbmm's alpha/beta must be numbers, so the
+        # scalars go onto the thin factors instead.
+        V = S.mul_((1.0 - beta2) / scale)
+        if Q_prev.shape[-1] > 0 and beta2 != 0.0:
+            V.baddbmm_(Q_prev * (beta2 / scale), U_prev.mT)
+        v_norm = torch.linalg.vector_norm(V, dim=(-2, -1))
+        R = V.baddbmm_(Q * (-1.0 / scale), U.mT)
+        return v_norm, torch.linalg.vector_norm(R, dim=(-2, -1))
     if Q_prev.shape[-1] > 0 and beta2 != 0.0:
         # One pass: S * (1 - beta2)/scale + Q_prev U_prev^T * beta2/scale.
         V = S.baddbmm_(Q_prev, U_prev.mT, beta=(1.0 - beta2) / scale, alpha=beta2 / scale)

@@ -40,6 +40,10 @@ CASES = {
     # Low rank (truncation matters), cold sketches every step (12 product rounds), the options.
     "adapprox_k2_cold": ("adapprox", dict(lr=1e-3, k_max=2, warm_start=False, bias_correction=True,
                                           weight_decay=0.1, betas=(0.9, 0.99)), False),
+    # The sync-free path (foreach=True) against the reference path's single process: whole
+    # parameters (DDP) take it, sharded ones (FSDP2, ZeRO) keep their phased step with the flag.
+    "came_foreach": ("came", dict(lr=1e-2, weight_decay=0.01, foreach=True), False),
+    "adalomo_fused_foreach": ("adalomo", dict(lr=3e-2, foreach=True), True),
 }
 
 
@@ -74,6 +78,7 @@ def reference(case: str, steps: int = STEPS, shapes=SHAPES) -> list[torch.Tensor
     import memopt
 
     name, hp, fused = CASES[case]
+    hp = dict(hp, foreach=False)
     model = BagModel(0, shapes)
     opt = memopt.create_optimizer(name, model.parameters(), **hp)
     for step in range(steps):

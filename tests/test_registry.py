@@ -28,16 +28,16 @@ def test_hparams_are_the_constructor_arguments_after_params(name):
 def test_hparams_of_the_memopt_optimizers():
     assert optimizer_hparams("adafactor") == [
         "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
-        "relative_step", "warmup_init", "on_nonfinite",
+        "relative_step", "warmup_init", "on_nonfinite", "foreach", "fused",
     ]
-    assert optimizer_hparams("came") == ["lr", "eps", "clip_threshold", "betas", "weight_decay", "on_nonfinite"]
+    assert optimizer_hparams("came") == ["lr", "eps", "clip_threshold", "betas", "weight_decay", "on_nonfinite", "foreach", "fused"]
     assert optimizer_hparams("lomo") == [
         "lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "loss_scale", "loss_scale_growth_interval",
-        "on_nonfinite",
+        "on_nonfinite", "foreach", "fused",
     ]
     assert optimizer_hparams("adalomo") == [
         "lr", "eps", "clip_threshold", "decay_rate", "weight_decay", "clip_grad_norm", "clip_grad_value",
-        "loss_scale", "loss_scale_growth_interval", "on_nonfinite",
+        "loss_scale", "loss_scale_growth_interval", "on_nonfinite", "foreach", "fused",
     ]
     adapprox = optimizer_hparams("adapprox")
     assert {"lr", "betas", "k_max", "k_min", "xi", "seed", "on_nonfinite"} <= set(adapprox)

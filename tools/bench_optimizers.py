@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Optimizer step time and state memory on GPT-2 124M parameter shapes (fp32, CPU).
+"""Optimizer step time and state memory on GPT-2 124M parameter shapes (CPU or CUDA, fp32 or bf16).
 
 Every memopt optimizer runs side by side with the peer implementations of the same algorithm
 (torch, transformers, came_pytorch, lomo_optim) and with torch AdamW (foreach and fused). The
@@ -12,6 +12,12 @@ read and write W, so that is the physical lower bound of a step on this machine.
 
     python tools/bench_optimizers.py                      # full run, writes docs/benchmarks/
     python tools/bench_optimizers.py --layers 2 --steps 3 --out /tmp/bench   # quick look
+    python tools/bench_optimizers.py --paths both --name optimizers_foreach   # memopt's two paths
+    python tools/bench_optimizers.py --device cuda --dtype bfloat16 --paths both --name gpu_bf16
+
+``--paths``: "default" runs each memopt optimizer as constructed by default (foreach=None, which
+is the reference path on CPU and the sync-free path on an accelerator); "both" runs
+foreach=False and foreach=True side by side.
 
 Exit status 1 when a memopt optimizer is slower than a peer implementation of its algorithm.
 """
@@ -134,60 +140,97 @@ def _floor_case():
     return Case("floor: W -= eps*G (read G, read+write W)", "floor", "torch", build, lambda: 0)
 
 
-def all_cases() -> list[Case]:
+def _memopt_cases(paths: str) -> list[Case]:
+    """The memopt rows: the default constructor, or both paths side by side."""
+    specs = [
+        ("memopt Adafactor", "adafactor", lambda ps, **f: memopt.Adafactor(ps, **f)),
+        ("memopt CAME", "came", lambda ps, **f: memopt.CAME(ps, lr=2e-4, **f)),
+        ("memopt AdaLomo (step)", "adalomo", lambda ps, **f: memopt.AdaLomo(ps, lr=1e-3, **f)),
+        ("memopt LOMO (step)", "lomo", lambda ps, **f: memopt.Lomo(ps, lr=1e-3, **f)),
+        ("memopt Adapprox", "adapprox", lambda ps, **f: memopt.Adapprox(ps, lr=1e-4, **f)),
+    ]
+    variants = [("", {})] if paths == "default" else [(" [foreach=False]", dict(foreach=False)),
+                                                     (" [foreach=True]", dict(foreach=True))]
+    return [
+        _optimizer_case(label + suffix, algorithm, "memopt", lambda ps, make=make, kw=kw: make(ps, **kw))
+        for label, algorithm, make in specs for suffix, kw in variants
+    ]
+
+
+def all_cases(paths: str = "default") -> list[Case]:
     from came_pytorch import CAME as PeerCAME
     from transformers.optimization import Adafactor as HFAdafactor
 
+    ours = {c.algorithm: [] for c in _memopt_cases(paths)}
+    for c in _memopt_cases(paths):
+        ours[c.algorithm].append(c)
     return [
         _floor_case(),
         _optimizer_case("torch AdamW (fused)", "adamw", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
         _optimizer_case("torch AdamW (foreach)", "adamw", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)),
-        _optimizer_case("memopt Adafactor", "adafactor", "memopt", lambda ps: memopt.Adafactor(ps)),
+        *ours["adafactor"],
         _optimizer_case("torch.optim.Adafactor", "adafactor", "torch", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
         _optimizer_case("transformers Adafactor", "adafactor", "transformers", lambda ps: HFAdafactor(ps, beta1=None)),
-        _optimizer_case("memopt CAME", "came", "memopt", lambda ps: memopt.CAME(ps, lr=2e-4)),
+        *ours["came"],
         _optimizer_case("came_pytorch CAME", "came", "came_pytorch", lambda ps: PeerCAME(ps, lr=2e-4)),
-        _optimizer_case("memopt AdaLomo (step)", "adalomo", "memopt", lambda ps: memopt.AdaLomo(ps, lr=1e-3)),
+        *ours["adalomo"],
         _optimizer_case(
             "transformers Adafactor (AdaLomo rule)", "adalomo", "transformers",
             lambda ps: HFAdafactor(ps, lr=1e-3, scale_parameter=True, relative_step=False, beta1=None),
         ),
         _lomo_optim_case("lomo_optim AdaLomo (update hook)", "adalomo", "AdaLomo", lr=1e-3, loss_scale=None),
-        _optimizer_case("memopt LOMO (step)", "lomo", "memopt", lambda ps: memopt.Lomo(ps, lr=1e-3)),
+        *ours["lomo"],
         _lomo_optim_case("lomo_optim LOMO (update hook, no non-finite check)", "lomo", "Lomo", comparable=False, lr=1e-3),
-        _optimizer_case("memopt Adapprox", "adapprox", "memopt", lambda ps: memopt.Adapprox(ps, lr=1e-4)),
+        *ours["adapprox"],
     ]
 
 
-def run(layers: int, warmup: int, steps: int, only: list[str] | None) -> dict:
+def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: str = "cpu",
+        dtype: str = "float32", paths: str = "default") -> dict:
     torch.manual_seed(0)
+    dev = torch.device(device)
+    dt_ = getattr(torch, dtype)
     shapes = [s for _, s in gpt2_shapes(layers=layers)]
     n_params = sum(math.prod(s) for s in shapes)
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen).mul_(1e-3) for s in shapes]
-    init = [torch.randn(s, generator=gen).mul_(0.02) for s in shapes]
-    cases = [c for c in all_cases() if not only or c.algorithm in only or c.algorithm == "floor"]
+    grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device=dev, dtype=dt_) for s in shapes]
+    init = [torch.randn(s, generator=gen).mul_(0.02).to(device=dev, dtype=dt_) for s in shapes]
+    cases = [c for c in all_cases(paths) if not only or c.algorithm in only or c.algorithm == "floor"]
+    # On an accelerator a step only queues work: time it to the end of the device's queue.
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    steppers = []
+    steppers, kept, failed = [], [], []
     for case in cases:
         params = [p.clone() for p in init]
-        step = case.build(params)
-        params = getattr(case.build, "params", params)
-        for p, g in zip(params, grads):
-            p.grad = g  # shared, read-only: no optimizer here writes its gradient
+        try:
+            step = case.build(params)
+            params = getattr(case.build, "params", params)
+            for p, g in zip(params, grads):
+                p.grad = g  # shared, read-only: no optimizer here writes its gradient
+            step()  # a peer may not support this device or dtype: leave it out, and say so
+            sync()
+        except Exception as exc:  # noqa: BLE001 - any failure of a peer drops that row only
+            if case.implementation == "memopt":
+                raise
+            failed.append(f"{case.label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            continue
         steppers.append(step)
+        kept.append(case)
+    cases = kept
 
-    checksum = [float(g.sum()) for g in grads[:4]]
+    checksum = [float(g.float().sum()) for g in grads[:4]]
     times: list[list[float]] = [[] for _ in cases]
     for round_ in range(warmup + steps):
         for i, step in enumerate(steppers):
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             dt = time.perf_counter() - t0
             if round_ >= warmup:
                 times[i].append(dt * 1e3)
         print(f"round {round_ + 1}/{warmup + steps} done", file=sys.stderr, flush=True)
-    if [float(g.sum()) for g in grads[:4]] != checksum:
+    if [float(g.float().sum()) for g in grads[:4]] != checksum:
         raise RuntimeError("a benchmarked optimizer modified its gradients in place; timings are invalid")
 
     results = []
@@ -200,9 +243,10 @@ def run(layers: int, warmup: int, steps: int, only: list[str] | None) -> dict:
             )
         )
     return dict(
-        params=n_params, layers=layers, warmup=warmup, timed_steps=steps, dtype="float32",
+        params=n_params, layers=layers, warmup=warmup, timed_steps=steps, dtype=dtype, device=device,
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, paths=paths,
         torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(), results=results,
+        cpus=os.cpu_count(), results=results, left_out=failed,
     )
 
 
@@ -227,8 +271,10 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
     by_label = {r["label"]: r for r in res}
     fused = by_label.get("torch AdamW (fused)")
     floor = next(r for r in res if r["algorithm"] == "floor")
+    device = report.get("device", "cpu")
+    where = "CPU" if device == "cpu" else f"{device} ({report.get('device_name')})"
     out = [
-        "# Optimizer step time and state memory: GPT-2 124M shapes, fp32, CPU",
+        f"# Optimizer step time and state memory: GPT-2 124M shapes, {report.get('dtype', 'float32')}, {where}",
         "",
         f"Command: `{command}`",
         "",
@@ -247,6 +293,9 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
             f"| {r['label']} | {r['algorithm']} | {r['median_ms']:.0f} | {rel} | "
             f"{r['median_ms'] / floor['median_ms']:.2f} | {sb} |"
         )
+    if report.get("left_out"):
+        out += ["", "Left out (the peer does not run on this device or dtype):", ""]
+        out += [f"- {line}" for line in report["left_out"]]
     out += ["", "## memopt vs peer implementations of the same algorithm", ""]
     out += [f"- {line}" for line in checks]
     out += [
@@ -278,19 +327,26 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (>= 5 for the report)")
     ap.add_argument("--only", nargs="*", help="algorithms to run (adamw adafactor came adalomo lomo adapprox)")
-    ap.add_argument("--out", default="docs/benchmarks", help="folder for optimizers.json and optimizers.md")
+    ap.add_argument("--out", default="docs/benchmarks", help="folder for <name>.json and <name>.md")
+    ap.add_argument("--name", default="optimizers", help="file stem of the report (default: optimizers)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and gradient dtype")
+    ap.add_argument("--paths", default="default", choices=["default", "both"],
+                    help="memopt rows: the default constructor, or foreach=False and foreach=True side by side")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.layers < 1:
         ap.error("--steps and --layers must be >= 1 and --warmup >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
 
-    report = run(args.layers, args.warmup, args.steps, args.only)
+    report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths)
     checks = check(report)
     command = "python tools/bench_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "optimizers.json").write_text(json.dumps(dict(report, command=command.strip(), checks=checks), indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(dict(report, command=command.strip(), checks=checks), indent=1))
     md = markdown(report, command.strip(), checks)
-    (out / "optimizers.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
     return 1 if any(line.startswith("FAIL") for line in checks) else 0
 
