@@ -7,7 +7,7 @@ docs/adapprox.md for measurements behind the defaults.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
@@ -15,43 +15,23 @@ from .base import (
     MemoptOptimizer,
     NonFiniteGradientError,
     all_finite,
-    check_beta,
-    check_nonnegative,
-    check_positive,
     host_int,
     is_finite,
     rms,
 )
 from .sharding import Reducer
+from .adapprox_ops import (  # noqa: F401  (sketch_seed, VHAT_FLOORS: part of this module's API)
+    VHAT_FLOORS,
+    check_hparams,
+    clip_scale,
+    clip_scale_t,
+    complete_product,
+    local_error_and_uhat,
+    partial_product,
+    sketch_seed,
+    uhat_,
+)
 from .lowrank import answer_requests, next_rank, relative_error, residual_norms_, s_rsi_steps, second_moment_operator
-
-_MASK64 = (1 << 64) - 1
-VHAT_FLOORS = ("grad", "zero")
-
-def _mix64(x: int) -> int:
-    """splitmix64 finalizer: nearby inputs give unrelated 64-bit outputs."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sketch_seed(seed: int, step: int, index: int) -> int:
-    """Seed of the random sketch of parameter ``index`` at ``step``.
-
-    A pure function of its arguments, so every rank of a sharded run (same seed, same
-    parameter order, same step) draws the same sketch. Chained mixing keeps e.g. (step 1,
-    index 2) and (step 2, index 1) apart. The result fits torch.Generator.manual_seed.
-    """
-    x = _mix64(seed)
-    x = _mix64(x ^ step)
-    x = _mix64(x ^ index)
-    return x >> 1  # 63 bits: manual_seed rejects values >= 2**63 on some versions
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class Adapprox(MemoptOptimizer):
@@ -194,44 +174,9 @@ class Adapprox(MemoptOptimizer):
         super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
 
     # -- hyperparameters ------------------------------------------------------------------
-    @staticmethod
-    def _check_group(g: dict) -> None:
-        check_positive("lr", g["lr"])
-        betas = g["betas"]
-        if len(tuple(betas)) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
-        check_positive("eps", g["eps"])
-        check_nonnegative("weight_decay", g["weight_decay"])
-        check_positive("clip_threshold", g["clip_threshold"])
-        _check_int("k_max", g["k_max"], 1)
-        _check_int("k_min", g["k_min"], 1)
-        if g["k_min"] > g["k_max"]:
-            raise ValueError(f"k_min ({g['k_min']}) must be <= k_max ({g['k_max']})")
-        if g["k_init"] is not None:
-            _check_int("k_init", g["k_init"], 1)
-            if not g["k_min"] <= g["k_init"] <= g["k_max"]:
-                raise ValueError(
-                    f"k_init must lie in [k_min, k_max] = [{g['k_min']}, {g['k_max']}], got {g['k_init']!r}"
-                )
-        check_nonnegative("xi", g["xi"])
-        if g["dk"] is not None:
-            _check_int("dk", g["dk"], 1)
-        _check_int("oversampling", g["oversampling"], 0)
-        _check_int("power_iters", g["power_iters"], 0)
-        _check_int("warm_power_iters", g["warm_power_iters"], 0)
-        for name in ("warm_start", "bias_correction"):
-            if not isinstance(g[name], bool):
-                raise ValueError(f"{name} must be True or False, got {g[name]!r}")
-        if g["vhat_floor"] not in VHAT_FLOORS:
-            raise ValueError(f"vhat_floor must be one of {VHAT_FLOORS}, got {g['vhat_floor']!r}")
-        if isinstance(g["seed"], bool) or not isinstance(g["seed"], int):
-            raise ValueError(f"seed must be an integer, got {g['seed']!r}")
-
     def add_param_group(self, param_group: dict) -> None:
         # Validate the merged group *before* it is added, so a bad group leaves no trace.
-        self._check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        check_hparams({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
 
     def _state_created(self, key, state: dict) -> None:
@@ -340,12 +285,12 @@ class Adapprox(MemoptOptimizer):
             handles = {}
             for uid, (sketch, (kind, x)) in sketches.items():
                 u = by_id[uid]
-                handles[uid] = rnd.add(_partial_product(u.layout, work[uid]["s"], kind, x, u.group["betas"][1]))
+                handles[uid] = rnd.add(partial_product(u.layout, work[uid]["s"], kind, x, u.group["betas"][1]))
             rnd.run()
             for uid in list(sketches):
                 u, w = by_id[uid], work[uid]
                 sketch, (kind, x) = sketches[uid]
-                reply = _complete_product(u.layout, rnd.get(handles[uid]), kind, x, w["q_prev"], w["u_prev"],
+                reply = complete_product(u.layout, rnd.get(handles[uid]), kind, x, w["q_prev"], w["u_prev"],
                                           u.group["betas"][1])
                 try:
                     sketches[uid] = (sketch, sketch.send(reply))
@@ -368,7 +313,7 @@ class Adapprox(MemoptOptimizer):
             elif L.numel == 0:
                 continue
             else:
-                w["uhat"], v2, r2 = _local_error_and_uhat(
+                w["uhat"], v2, r2 = local_error_and_uhat(
                     L, w["s"], u.grad, w["q_prev"], w["u_prev"], w["q"], w["u"], grp, eps, w["scale"])
                 w["v2"], w["r2"] = red.add(v2), red.add(r2)
             w["u2"] = red.add(w["uhat"].square().sum())
@@ -393,7 +338,7 @@ class Adapprox(MemoptOptimizer):
                 st["Q"] = q[L.row_lo:L.row_hi].clone() if L.row_sharded else q
                 st["U"] = w["u"].view(*L.full_shape[:-2], L.n, k)
                 self._next_rank(st, grp, k, float(error), *self._rank_limits(L.m, L.n, grp))
-            u_scale = _clip_scale(c2, math.sqrt(float(u_sq) / L.numel), grp)
+            u_scale = clip_scale(c2, math.sqrt(float(u_sq) / L.numel), grp)
             self._apply(u.param, w["uhat"], self._first_moment(u.param, st, grp), u_scale, grp, step_size)
             applied.append(True)
         return applied
@@ -506,7 +451,7 @@ class Adapprox(MemoptOptimizer):
             u_rms = rms(uhat)
             ok = ok & torch.isfinite(u_rms)
             self._apply_masked(p, uhat.masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
-                               _clip_scale_t(c2, u_rms, group), group, step_size, ok)
+                               clip_scale_t(c2, u_rms, group), group, step_size, ok)
             return ok, None
         m, n = p.shape[-2], p.shape[-1]
         g = grad.reshape(-1, m, n)
@@ -525,12 +470,12 @@ class Adapprox(MemoptOptimizer):
         q, u = answer_requests(sketch, apply_v, apply_vt)
         v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
         error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
-        uhat = _uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
+        uhat = uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
         u_sq = torch.linalg.vector_norm(uhat).double().square()
         ok = ok & torch.isfinite(error) & torch.isfinite(u_sq)
         u_rms = (u_sq / p.numel()).sqrt().float()
         self._apply_masked(p, uhat.view(p.shape).masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
-                           _clip_scale_t(c2, u_rms, group), group, step_size, ok)
+                           clip_scale_t(c2, u_rms, group), group, step_size, ok)
         return ok, (q, u, k, error)
 
     @staticmethod
@@ -601,7 +546,7 @@ class Adapprox(MemoptOptimizer):
         v.mul_(beta2).add_(g2, alpha=1.0 - beta2)
         c2, eps, step_size = self._corrections(group, step)
         uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
-        u_scale = _clip_scale(c2, float(rms(uhat)), group)
+        u_scale = clip_scale(c2, float(rms(uhat)), group)
         self._apply(p, uhat, self._first_moment(p, state, group), u_scale, group, step_size)
         return True
 
@@ -635,7 +580,7 @@ class Adapprox(MemoptOptimizer):
         v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
         # AS-RSI. A stack's error is that of its worst matrix.
         error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
-        uhat = _uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
+        uhat = uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
         u_sq = torch.linalg.vector_norm(uhat).double().square()
         # The last guard before the state changes: an overflow inside the products or the
         # update shows up here as inf/nan.
@@ -646,88 +591,6 @@ class Adapprox(MemoptOptimizer):
         state["Q"] = q.view(*p.shape[:-1], k)
         state["U"] = u.view(*p.shape[:-2], n, k)
         self._next_rank(state, group, k, float(error), k_min, k_max)
-        u_scale = _clip_scale(c2, math.sqrt(float(u_sq) / p.numel()), group)
+        u_scale = clip_scale(c2, math.sqrt(float(u_sq) / p.numel()), group)
         self._apply(p, uhat.view(p.shape), self._first_moment(p, state, group), u_scale, group, step_size)
         return True
-
-
-def _clip_scale(c2: float, uhat_rms: float, group: dict) -> float:
-    """Step 5 as one scalar on the stored uhat: the true Uhat is c2 * uhat (bias correction),
-    divided by max(1, RMS(Uhat) / clip_threshold) over the whole tensor."""
-    return c2 / max(1.0, c2 * uhat_rms / group["clip_threshold"])
-
-
-def _clip_scale_t(c2: float, uhat_rms: torch.Tensor, group: dict) -> torch.Tensor:
-    """``_clip_scale`` with the RMS on the device."""
-    # nan where the gradient was not finite: the caller's mask turns it into a zero step.
-    return c2 / torch.clamp(uhat_rms * (c2 / group["clip_threshold"]), min=1.0)
-
-
-# -- the local pieces of a sharded step (memopt.sharding.Layout pieces) ------------------------
-def _partial_product(L, s: torch.Tensor, kind: str, x: torch.Tensor, beta2: float) -> torch.Tensor:
-    """This rank's share of (1 - beta2) * S X ("v", X (B, n, r) -> (B, m, r)) or of
-    (1 - beta2) * Y^T S ("vt", Y (B, m, r) -> (B, r, n)), S = G*G on the local elements ``s``.
-    Summed over ranks it is the S part of ``lowrank.v_matmul`` / ``vt_matmul``."""
-    xs = x * (1.0 - beta2)
-    r = x.shape[-1]
-    if kind == "v":
-        out = torch.zeros(L.B, L.m, r, dtype=torch.float32, device=s.device)
-        for pc, blk in L.blocks(s):
-            lo = pc.row - pc.mat * L.m
-            out[pc.mat, lo:lo + pc.rows].addmm_(blk, xs[pc.mat, pc.col:pc.col + pc.cols])
-    else:
-        out = torch.zeros(L.B, r, L.n, dtype=torch.float32, device=s.device)
-        for pc, blk in L.blocks(s):
-            lo = pc.row - pc.mat * L.m
-            out[pc.mat, :, pc.col:pc.col + pc.cols].addmm_(xs[pc.mat, lo:lo + pc.rows].T, blk)
-    return out
-
-
-def _complete_product(L, reduced, kind, x, q_prev, u_prev, beta2) -> torch.Tensor:
-    """V X or V^T Y from the all-reduced S part plus the low-rank term beta2 * Q_prev U_prev^T."""
-    r = x.shape[-1]
-    low_rank = q_prev.shape[-1] > 0 and beta2 != 0.0
-    if kind == "v":
-        out = reduced.view(L.B, L.m, r)
-        if low_rank:
-            out.baddbmm_(q_prev, torch.bmm(u_prev.mT, x), alpha=beta2)
-        return out
-    out = reduced.view(L.B, r, L.n)
-    if low_rank:
-        out.baddbmm_(torch.bmm(x.mT, q_prev), u_prev.mT, alpha=beta2)
-    return out.mT
-
-
-def _local_error_and_uhat(L, s, g, q_prev, u_prev, q, u, group, eps, scale):
-    """On the local elements: squared norms of V and of V - Q U^T per matrix (partial sums,
-    (B,) each) and Uhat, written over ``s`` (G*G), as ``_update_matrix`` does in one piece."""
-    beta2 = group["betas"][1]
-    v2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
-    r2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
-    gflat = g.reshape(-1)
-    for pc, blk in L.blocks(s):
-        lo = pc.row - pc.mat * L.m
-        rows, cols = slice(lo, lo + pc.rows), slice(pc.col, pc.col + pc.cols)
-        vn, rn = residual_norms_(blk[None], q_prev[pc.mat, rows][None], u_prev[pc.mat, cols][None],
-                                 q[pc.mat, rows][None], u[pc.mat, cols][None], beta2, scale=scale)
-        v2[pc.mat] += vn.double().square().sum()
-        r2[pc.mat] += rn.double().square().sum()
-        g_blk = gflat[pc.off:pc.off + pc.rows * pc.cols].view(pc.rows, pc.cols)
-        _uhat_(torch.mm(q[pc.mat, rows], u[pc.mat, cols].T, out=blk), g_blk, group, eps)
-    return s, v2, r2
-
-
-def _uhat_(vhat: torch.Tensor, g: torch.Tensor, group: dict, eps: float) -> torch.Tensor:
-    """Steps 4 in place: ``vhat`` (holding Q U^T for the elements of ``g``) becomes
-    Uhat = G / (sqrt(Vhat) + eps), Vhat floored as ``group["vhat_floor"]`` says."""
-    # The clamps use the smallest normal float instead of 0: sqrt of exact zeros runs ~10x
-    # slower on this CPU (measured: 100 ms vs 12 ms for 50257 x 768), and sqrt(1.2e-38) =
-    # 1.1e-19 vanishes next to eps (eps + 1e-19 == eps in fp32 for eps >= 1e-11).
-    tiny = torch.finfo(torch.float32).tiny
-    if group["vhat_floor"] == "grad":
-        # max(Q U^T, (1-beta2) G*G) as (x - c G*G)^+ + c G*G: no second buffer.
-        c = 1.0 - group["betas"][1]
-        vhat.addcmul_(g, g, value=-c).clamp_(min=tiny).addcmul_(g, g, value=c)
-    else:
-        vhat.clamp_(min=tiny)
-    return torch.div(g, vhat.sqrt_().add_(eps), out=vhat)

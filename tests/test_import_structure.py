@@ -1,5 +1,9 @@
 """Import structure, read from the source with ``ast`` (nothing is imported).
 
+pretrain: no import cycles between its modules; data knows no model, trainer or export code;
+training and export do not import each other (both go through pretrain.checkpoint); no module
+uses another module's private names. No source file is over 600 lines.
+
 memopt: its modules import each other without cycles, it imports nothing from pretrain, and no
 module uses a private (leading underscore) name that another module defines; neither does code
 outside memopt (pretrain, tools, tests). Every import counts, also one inside a function: a lazy
@@ -241,6 +245,52 @@ def test_code_outside_memopt_uses_no_memopt_private_names():
         for module, path in module_files(directory, directory.name).items():
             uses += private_name_uses(path, module, "memopt", owners)
     assert [str(u) for u in uses] == []
+
+
+# -- pretrain --------------------------------------------------------------------------------------
+PRETRAIN = ROOT / "pretrain"
+
+
+def _pretrain_edges(prefix: str, forbidden: tuple[str, ...]) -> list[str]:
+    graph = import_graph(PRETRAIN, "pretrain")
+    return [f"{m} -> {e}" for m, edges in sorted(graph.items()) if m.startswith(prefix)
+            for e in sorted(edges) if e.startswith(forbidden)]
+
+
+def test_pretrain_has_no_import_cycles():
+    graph = import_graph(PRETRAIN, "pretrain")
+    assert "pretrain.checkpoint" in graph["pretrain.train.trainer"]  # the graph is real
+    assert find_cycles(graph) == []
+
+
+def test_data_knows_no_model_trainer_or_export():
+    assert _pretrain_edges("pretrain.data", ("pretrain.models", "pretrain.train", "pretrain.export",
+                                             "pretrain.eval", "pretrain.checkpoint")) == []
+
+
+def test_training_and_export_do_not_import_each_other():
+    assert _pretrain_edges("pretrain.train", ("pretrain.export", "pretrain.eval")) == []
+    assert _pretrain_edges("pretrain.export", ("pretrain.train",)) == []
+    assert _pretrain_edges("pretrain.checkpoint", ("pretrain.train", "pretrain.export")) == []
+
+
+def test_no_module_uses_another_pretrain_modules_private_names():
+    owners = private_owners(PRETRAIN, "pretrain")
+    uses = []
+    for directory in (PRETRAIN, ROOT / "tools", ROOT / "tests", ROOT / "launch"):
+        for module, path in module_files(directory, directory.name).items():
+            uses += private_name_uses(path, module, "pretrain", owners)
+    assert [str(u) for u in uses] == []
+
+
+def test_no_source_file_is_over_600_lines():
+    long = []
+    for directory in (MEMOPT, PRETRAIN, ROOT / "tools", ROOT / "launch"):
+        for path in sorted(directory.rglob("*.py")):
+            n = len(path.read_text(encoding="utf-8").splitlines())
+            if n > 600:
+                long.append(f"{path.relative_to(ROOT)}: {n} lines")
+    assert long == []
 
 
 # -- the helpers themselves -------------------------------------------------------------------------

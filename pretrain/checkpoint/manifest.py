@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from pretrain.train.dist import all_gather_objects, dist_rank, dist_world
+from pretrain.dist import all_gather_objects, dist_rank, dist_world
 
 from .layout import MANIFEST_FILE
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pretrain.errors import CheckpointError
-from pretrain.train.dist import barrier, dist_rank
+from pretrain.dist import barrier, dist_rank
 
 from .layout import (CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_FILE,
                      checkpoint_name, rng_file, step_of)

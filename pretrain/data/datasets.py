@@ -246,7 +246,7 @@ def _build(cls, sizes, config):
         BlendedMegatronDatasetBuilder,
     )
 
-    from pretrain.models.parallel import ensure_process_group
+    from pretrain.dist import ensure_process_group
 
     ensure_process_group()
     # Every rank reads data (tensor-parallel ranks need the same batches): build on all of them.

@@ -8,36 +8,13 @@ gloo group that needs no port.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pretrain.dist import ensure_process_group
 from pretrain.models import megatron_compat
-
-
-def ensure_process_group(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
-    """Initialize torch.distributed if nobody has yet.
-
-    Under a launcher (WORLD_SIZE set) this joins the launcher's world through ``env://``;
-    otherwise it creates a 1-process group backed by an in-memory store.
-    """
-    if dist.is_initialized():
-        return
-    if backend is None:
-        backend = "nccl" if megatron_compat.cuda_available() else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        if backend == "nccl" and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(
-            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
 
 
 def init_model_parallel(

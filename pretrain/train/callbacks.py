@@ -25,7 +25,7 @@ import torch
 
 from pretrain.checkpoint import save_checkpoint
 
-from .dist import all_ranks_mean, dist_rank, dist_world
+from pretrain.dist import all_ranks_mean, dist_rank, dist_world
 
 
 class Callback:

@@ -1,7 +1,7 @@
 """GPT and BERT pretraining tasks: which datasets to build and which loss to use."""
 from __future__ import annotations
 
-from .dist import barrier, dist_rank
+from pretrain.dist import barrier, dist_rank
 from .trainer import TaskSpec
 
 

@@ -23,7 +23,7 @@ from pretrain.config import RunConfig, dump_config
 from pretrain.errors import UserError
 
 from .callbacks import Callback, default_callbacks
-from .dist import all_ranks_mean, dist_rank, dist_world
+from pretrain.dist import all_ranks_mean, dist_rank, dist_world
 from .engines import build_engine, select_engine_kind
 from .metrics import peak_memory_bytes
 from .resume import check_resumable, schedule_changes

@@ -16,7 +16,7 @@ import torch
 
 from memopt.registry import FUSED_BACKWARD
 
-from ..dist import all_ranks_agree
+from pretrain.dist import all_ranks_agree
 
 LossFn = Callable[[torch.nn.Module, dict], tuple]  # (model, batch) -> (loss, extra)
 

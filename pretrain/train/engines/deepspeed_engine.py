@@ -22,7 +22,7 @@ from pretrain.checkpoint.store import read_json
 from pretrain.errors import CheckpointError
 from pretrain.optim import build_scheduler, optimizer_kwargs
 
-from ..dist import dist_rank, dist_world
+from pretrain.dist import dist_rank, dist_world
 from .base import Engine, use_fused_backward
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
@@ -56,8 +56,18 @@ def deepspeed_config(cfg) -> dict:
         if cfg.train.clip_grad_norm is not None and cfg.optimizer.name not in FUSED_BACKWARD:
             ds["gradient_clipping"] = cfg.train.clip_grad_norm
     ds["zero_allow_untested_optimizer"] = True
-    ds.pop("optimizer", None)  # the optimizer comes from optimizer.* in the run config
-    ds.pop("scheduler", None)
+    # The optimizer is built from optimizer.*, which load_run_config filled from this section
+    # (pretrain.deepspeed_json); a config built another way must not disagree with the file.
+    section = ds.pop("optimizer", None)
+    if section is not None:
+        from pretrain.deepspeed_json import optimizer_from_json
+
+        chosen = optimizer_from_json(section, cfg.engine.deepspeed_config)
+        if chosen["name"] != cfg.optimizer.name or chosen.get("lr", cfg.optimizer.lr) != cfg.optimizer.lr:
+            raise ValueError(f"{cfg.engine.deepspeed_config}: its optimizer section ({chosen['name']}) disagrees with "
+                             f"optimizer.name={cfg.optimizer.name}, optimizer.lr={cfg.optimizer.lr}")
+    if "scheduler" in ds:
+        raise ValueError(f"{cfg.engine.deepspeed_config}: a scheduler section is not used here; set schedule.* instead")
     return ds
 
 

@@ -13,7 +13,7 @@ from pretrain.checkpoint.safe_load import first_error_line, safe_dcp_reader, saf
 from pretrain.errors import CheckpointError
 from pretrain.optim import build_scheduler, optimizer_kwargs
 
-from ..dist import dist_rank
+from pretrain.dist import dist_rank
 from .base import Engine, use_fused_backward
 
 
