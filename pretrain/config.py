@@ -42,6 +42,8 @@ class DataSection(_Section):
     # Megatron-style blend: ["prefix"] or ["0.7", "prefix_a", "0.3", "prefix_b"]. Empty = the
     # bundled corpus (prepared on first use under cache_dir).
     blend: list[str] = Field(default_factory=list)
+    # A sentencepiece .model, or (GPT-2 BPE / Hugging Face) a tokenizer directory or a vocab.json
+    # with merges.txt beside it: pretrain.data.tokenizer.load_tokenizer.
     tokenizer: str = "data/tokenizer/spm_bpe_8k.model"
     split: str = "98,1,1"
     cache_dir: str = "data/cache"
@@ -229,8 +231,16 @@ def load_run_config(path: str | None, overrides: list[str] | None = None, kind: 
             raise ConfigError(f"{path}: not valid YAML{where}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_dotted(tree, key, value)
+    from pretrain.deepspeed_json import DeepSpeedJSONError, apply_deepspeed_json
+
+    try:
+        # before validation, so the JSON's optimizer is checked like one written in the YAML
+        apply_deepspeed_json(tree, {key for key, _ in parsed})
+    except DeepSpeedJSONError as e:
+        raise ConfigError(f"config key 'engine.deepspeed_config': {e}") from None
     if kind is not None and isinstance(tree.get("model", {}), dict):
         tree.setdefault("model", {}).setdefault("kind", kind)
     try:
@@ -274,7 +284,7 @@ def _check_files(cfg: RunConfig) -> None:
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         raise ConfigError(f"config key 'engine.deepspeed_config': file not found: {cfg.engine.deepspeed_config}")
     tok = Path(cfg.data.tokenizer)
-    if not tok.is_file():
+    if not tok.exists():
         raise ConfigError(f"config key 'data.tokenizer': file not found: {tok}")
     for item in cfg.data.blend:
         try:

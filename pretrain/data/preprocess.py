@@ -10,11 +10,12 @@ import multiprocessing
 import os
 import re
 import sys
+import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pretrain.data.indexed import IndexedDatasetWriter, token_dtype
 from pretrain.data.readers import DataError, check_inputs, iter_documents
-from pretrain.data.tokenizer import SentencePieceTokenizer
+from pretrain.data.tokenizer import load_tokenizer
 
 # --- sentence splitting (BERT) -------------------------------------------------------------------
 # NLTK's punkt would need a model download; a rule-based splitter is enough for the sentence-pair
@@ -28,12 +29,16 @@ _BOUNDARY = re.compile(r"([.!?]+[\"'\u201d\u2019)\]]*)\s+(?=[\"'\u201c\u2018(\[]
 _CLOSERS = ".!?\"')]\u201d\u2019"
 
 
-def split_sentences(text: str) -> List[str]:
+def split_sentences(text: str, keep_newlines: bool = False) -> List[str]:
     """Split a document into sentences; blank lines always end a sentence. Whitespace inside a
-    sentence (hard line wraps) is collapsed to single spaces."""
+    sentence (hard line wraps) is collapsed to single spaces, unless ``keep_newlines``
+    (Megatron-LM's --keep-newlines), which keeps the line breaks inside a sentence."""
     sentences = []
     for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = " ".join(paragraph.split())
+        if keep_newlines:
+            paragraph = "\n".join(" ".join(line.split()) for line in paragraph.strip().split("\n"))
+        else:
+            paragraph = " ".join(paragraph.split())
         start = 0
         for m in _BOUNDARY.finditer(paragraph):
             candidate = paragraph[start:m.end(1)]
@@ -55,16 +60,18 @@ def split_sentences(text: str) -> List[str]:
 _worker_state: Dict = {}
 
 
-def _init_worker(tokenizer_path: str, split: bool, append_eod: bool) -> None:
-    _worker_state["tok"] = SentencePieceTokenizer(tokenizer_path)
+def _init_worker(tokenizer, split: bool, append_eod: bool, keep_newlines: bool = False) -> None:
+    # the tokenizer object arrives pickled (it pickles its files' content or paths)
+    _worker_state["tok"] = tokenizer
     _worker_state["split"] = split
     _worker_state["append_eod"] = append_eod
+    _worker_state["keep_newlines"] = keep_newlines
 
 
 def _encode(item: Tuple[str, str]) -> Tuple[str, List[List[int]], int]:
     where, text = item
-    tok: SentencePieceTokenizer = _worker_state["tok"]
-    pieces = split_sentences(text) if _worker_state["split"] else [text]
+    tok = _worker_state["tok"]
+    pieces = split_sentences(text, _worker_state["keep_newlines"]) if _worker_state["split"] else [text]
     sequences = [ids for ids in (tok.tokenize(p) for p in pieces) if ids]
     if sequences and _worker_state["append_eod"]:
         sequences[-1].append(tok.eod)
@@ -77,7 +84,7 @@ def output_prefix_for(output_prefix: str, key: str, split: bool) -> str:
 
 def preprocess(
     inputs: Sequence[str],
-    tokenizer_model: str,
+    tokenizer_model,
     output_prefix: str,
     json_key: str = "text",
     txt_mode: str = "document",
@@ -87,19 +94,25 @@ def preprocess(
     skip_empty: bool = False,
     progress: bool = True,
     extra_metadata: Optional[Dict] = None,
+    keep_newlines: bool = False,
+    log_interval: Optional[int] = None,
 ) -> Dict:
     """Tokenize ``inputs`` into ``<output_prefix>_<key>_{document|sentence}.{bin,idx}``.
 
     Everything that can be checked up front (inputs exist, tokenizer loads and fits the request,
     output directory) is checked before anything is written; on any error the temporary files
     are removed and existing outputs are left as they were. Returns a summary dict (also written
-    to the .meta.json, with ``extra_metadata`` merged in).
+    to the .meta.json, with ``extra_metadata`` merged in). ``tokenizer_model`` is a path for
+    ``load_tokenizer`` or a loaded tokenizer. ``log_interval``: a progress line every that many
+    documents (Megatron-LM's --log-interval) instead of the progress bar.
     """
     files = check_inputs(inputs)
-    tok = SentencePieceTokenizer(tokenizer_model)
+    tok = load_tokenizer(tokenizer_model) if isinstance(tokenizer_model, (str, os.PathLike)) else tokenizer_model
+    if log_interval is not None and log_interval < 1:
+        raise DataError(f"--log-interval must be at least 1, got {log_interval}")
     if split_sentences and not tok.has_bert_tokens:
         raise DataError(
-            f"{tokenizer_model}: --split-sentences is for BERT, but this tokenizer has no "
+            f"{tok.model_path}: --split-sentences is for BERT, but this tokenizer has no "
             "[CLS]/[SEP]/[MASK]; train one with tools/train_tokenizer.py --bert-special-tokens"
         )
     if workers < 1:
@@ -114,7 +127,7 @@ def preprocess(
     writer = IndexedDatasetWriter(prefix, token_dtype(tok.vocab_size))
     pool = None
     try:
-        init_args = (tokenizer_model, split_sentences, append_eod)
+        init_args = (tok, split_sentences, append_eod, keep_newlines)
         if workers == 1:
             _init_worker(*init_args)
             encoded: Iterator = map(_encode, docs)
@@ -122,13 +135,13 @@ def preprocess(
             # spawn: workers import only this light module, never a forked copy of the parent.
             pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args)
             encoded = pool.imap(_encode, docs, chunksize=16)
-        _write_all(encoded, writer, progress)
+        _write_all(encoded, writer, progress, log_interval)
         if writer.num_documents == 0:
             raise DataError("no documents in the inputs")
         summary = {
             "format": "megatron-indexed",
             "tokenizer_sha256": tok.sha256,
-            "tokenizer_model": os.path.basename(tokenizer_model),
+            "tokenizer_model": os.path.basename(tok.model_path),
             "vocab_size": tok.vocab_size,
             "json_key": json_key,
             "append_eod": append_eod,
@@ -151,12 +164,14 @@ def preprocess(
     return {"prefix": prefix, **summary}
 
 
-def _write_all(encoded: Iterator, writer: IndexedDatasetWriter, progress: bool) -> None:
+def _write_all(encoded: Iterator, writer: IndexedDatasetWriter, progress: bool,
+               log_interval: Optional[int] = None) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True,
-               desc="tokenizing")
+    bar = tqdm(unit="doc", disable=not progress or log_interval is not None, file=sys.stderr,
+               dynamic_ncols=True, desc="tokenizing")
     total_bytes = 0
+    start = time.time()
     try:
         for where, sequences, nbytes in encoded:
             if not sequences:
@@ -164,6 +179,11 @@ def _write_all(encoded: Iterator, writer: IndexedDatasetWriter, progress: bool) 
             writer.add_document(sequences)
             total_bytes += nbytes
             bar.update(1)
+            if log_interval and writer.num_documents % log_interval == 0:
+                # Megatron-LM's progress line, for the logs of users who grep it
+                elapsed = max(time.time() - start, 1e-9)
+                print(f"Processed {writer.num_documents} documents ({writer.num_documents / elapsed:.1f} docs/s, "
+                      f"{total_bytes / elapsed / 2**20:.2f} MB/s).", file=sys.stderr, flush=True)
             if bar.n % 64 == 0:
                 bar.set_postfix(tokens=writer.num_tokens, MB=round(total_bytes / 2**20, 1))
         bar.set_postfix(tokens=writer.num_tokens, MB=round(total_bytes / 2**20, 1))

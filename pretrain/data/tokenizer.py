@@ -226,5 +226,130 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer:
+class HFTokenizer:
+    """A Hugging Face tokenizer read from local files, with the attributes of
+    ``SentencePieceTokenizer`` that preprocessing, the datasets and the trainer use. Two sources,
+    as Megatron-LM's ``--tokenizer-type``: ``GPT2BPETokenizer`` (a ``vocab.json`` and a
+    ``merges.txt``) and ``HuggingFaceTokenizer`` (a saved tokenizer directory). The end-of-document
+    token is the tokenizer's eos (GPT-2's ``<|endoftext|>``). Picklable (for worker processes)."""
+
+    def __init__(self, path: str, vocab_file: Optional[str] = None, merge_file: Optional[str] = None):
+        self.model_path = path
+        self._files = (vocab_file, merge_file)
+        self._load()
+
+    def _load(self) -> None:
+        vocab_file, merge_file = self._files
+        try:
+            if vocab_file is not None:
+                from transformers import GPT2TokenizerFast
+
+                # split_special_tokens: a literal "<|endoftext|>" in a document stays text, as
+                # with the sentencepiece models here.
+                self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file,
+                                              split_special_tokens=True)
+                data = [_read(vocab_file), _read(merge_file)]
+            else:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True,
+                                                          split_special_tokens=True)
+                data = [_read(os.path.join(self.model_path, f)) for f in _hf_identity_files(self.model_path)]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{self.model_path}: cannot load the tokenizer ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]})") from None
+        if self._tok.eos_token_id is None:
+            raise DataError(f"{self.model_path}: the tokenizer has no eos token to end documents with")
+        # long documents are tokenized whole and cut into sequences later; no length warning
+        self._tok.model_max_length = int(1e30)
+        self.sha256 = hashlib.sha256(b"\0".join(data)).hexdigest()
+        self.unique_identifiers = {"class": type(self).__name__, "model_sha256": self.sha256}
+
+    def __getstate__(self):
+        return {"model_path": self.model_path, "files": self._files}
+
+    def __setstate__(self, state):
+        self.model_path, self._files = state["model_path"], state["files"]
+        self._load()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)  # with the added tokens (<|endoftext|> may be one)
+
+    eod = property(lambda self: self._tok.eos_token_id)
+    eos = property(lambda self: self._tok.eos_token_id)
+    bos = property(lambda self: self._tok.bos_token_id)
+    has_bert_tokens = property(lambda self: False)
+
+    @property
+    def pad(self) -> int:
+        # megatron's datasets fall back to a pad id outside the vocabulary when this raises
+        if self._tok.pad_token_id is None:
+            raise AttributeError("no pad token")
+        return self._tok.pad_token_id
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _hf_identity_files(directory: str) -> List[str]:
+    # The files that define the ids, so a directory and its vocab.json/merges.txt given by hand
+    # (GPT2BPETokenizer) hash alike; a directory with only tokenizer.json hashes that.
+    names = set(os.listdir(directory))
+    if {"vocab.json", "merges.txt"} <= names:
+        return ["vocab.json", "merges.txt"]
+    found = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.txt") if n in names]
+    if not found:
+        raise DataError(f"{directory}: no tokenizer files (tokenizer.json, vocab.json + merges.txt, ...)")
+    return found
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer")
+
+
+def load_tokenizer(path: Optional[str] = None, tokenizer_type: Optional[str] = None,
+                   vocab_file: Optional[str] = None, merge_file: Optional[str] = None):
+    """The tokenizer at ``path``: a sentencepiece ``.model`` file; a directory with ``vocab.json``
+    and ``merges.txt`` (GPT-2 BPE) or a saved Hugging Face tokenizer; or a ``vocab.json`` with
+    ``merges.txt`` beside it. ``tokenizer_type`` (Megatron-LM's names) makes the choice explicit;
+    GPT2BPETokenizer takes ``vocab_file`` and ``merge_file`` instead of ``path``."""
+    if tokenizer_type is not None and tokenizer_type not in TOKENIZER_TYPES:
+        raise DataError(f"tokenizer type {tokenizer_type!r} is not supported; use one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == "GPT2BPETokenizer" or (tokenizer_type is None and vocab_file is not None):
+        if path is not None and vocab_file is None and os.path.isdir(path):
+            vocab_file, merge_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        for flag, f in (("vocab file", vocab_file), ("merge file", merge_file)):
+            if f is None:
+                raise DataError(f"GPT2BPETokenizer needs a {flag} (--vocab-file and --merge-file; nothing is downloaded)")
+            if not os.path.isfile(f):
+                raise DataError(f"{f}: no such {flag}")
+        return HFTokenizer(os.path.dirname(os.path.abspath(vocab_file)), vocab_file, merge_file)
+    if path is None:
+        raise DataError("no tokenizer given")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such tokenizer model (a sentencepiece .model, or a tokenizer directory)")
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: HuggingFaceTokenizer needs a local tokenizer directory (nothing is downloaded)")
+        return HFTokenizer(path)
+    if tokenizer_type is None and os.path.isdir(path):
+        if {"vocab.json", "merges.txt"} <= set(os.listdir(path)):
+            return load_tokenizer(vocab_file=os.path.join(path, "vocab.json"), merge_file=os.path.join(path, "merges.txt"))
+        return HFTokenizer(path)
+    if tokenizer_type is None and os.path.basename(path) == "vocab.json":
+        return load_tokenizer(vocab_file=path, merge_file=os.path.join(os.path.dirname(path), "merges.txt"))
     return SentencePieceTokenizer(path)
