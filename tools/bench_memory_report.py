@@ -200,7 +200,7 @@ METHOD = """## How each number is measured
 
 `pretrain.models.tied_embedding.tie_gradient_in_place(model)`, applied to a built model by the
 `*_tied` probes only; the models do not call it (TP = 1; tested in
-`tests/test_bench_memory.py`: same gradients for one forward, two forwards in one graph and
+`tests/tools/test_bench_memory.py`: same gradients for one forward, two forwards in one graph and
 accumulated micro-batches; same AdaLomo fused steps). The word-embedding lookup and the output
 layer become two small autograd functions sharing a per-forward holder: the output layer's
 backward leaves its weight gradient in the holder instead of returning it; the lookup's

@@ -2,7 +2,7 @@
 # The GPU checks of memopt's sync-free path, in one go (< 8 minutes on one H100/H200-class GPU):
 #   1. the CUDA test subset: no host sync in step() / fused_backward() under
 #      torch.cuda.set_sync_debug_mode("error"), parity with the CPU reference path, kernel
-#      launches per step independent of depth (tests/test_cuda.py), plus the CPU-side foreach tests;
+#      launches per step independent of depth (tests/memopt/test_cuda.py), plus the CPU-side foreach tests;
 #   2. tools/bench_optimizers.py --device cuda, fp32 and bf16, GPT-2 124M shapes, both memopt paths.
 # Writes docs/benchmarks/gpu.md (and the benchmarks' JSON next to it).
 #
@@ -24,7 +24,7 @@ DEVICE=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 TORCH=$("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')
 START=$(date +%s)
 
-timeout 300 "$PY" -m pytest tests/test_cuda.py tests/test_foreach.py -q -rfE -p no:cacheprovider \
+timeout 300 "$PY" -m pytest tests/memopt/test_cuda.py tests/memopt/test_foreach.py -q -rfE -p no:cacheprovider \
     > "$TMP/tests.txt" 2>&1
 TESTS_RC=$?
 
@@ -44,7 +44,7 @@ done
     echo "Written by \`bash tools/gpu_check.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
     echo "Device: $DEVICE; torch $TORCH; took $(( $(date +%s) - START )) s."
     echo
-    echo "## CUDA tests (tests/test_cuda.py, tests/test_foreach.py): exit status $TESTS_RC"
+    echo "## CUDA tests (tests/memopt/test_cuda.py, tests/memopt/test_foreach.py): exit status $TESTS_RC"
     echo
     echo '```'
     tail -n 40 "$TMP/tests.txt"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a local Slurm (Debian slurm-wlm + munge) for tests/test_slurm.py.
+# Install a local Slurm (Debian slurm-wlm + munge) for tests/pretrain/train/test_slurm.py.
 #
 #   bash tools/install_slurm.sh            # best effort: never fails the caller
 #   bash tools/install_slurm.sh --strict   # exit non-zero when Slurm cannot be installed
@@ -12,7 +12,7 @@ strict=0
 [ "${1:-}" = "--strict" ] && strict=1
 
 give_up() {
-    echo "[install_slurm] $*; tests/test_slurm.py will skip" >&2
+    echo "[install_slurm] $*; tests/pretrain/train/test_slurm.py will skip" >&2
     exit $((strict ? 1 : 0))
 }
 

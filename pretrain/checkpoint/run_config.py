@@ -16,7 +16,7 @@ from typing import Optional
 
 from pretrain.errors import CheckpointError
 
-from .layout import CONFIG_FILE, TRAINER_FILE
+from .layout import CONFIG_FILE, TRAINER_FILE, step_of
 from .store import read_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,8 +69,12 @@ def read_trainer_state(ckpt: Path) -> dict:
 
 
 def resolve_path(p: str, base: Optional[Path] = None) -> str:
-    """A path from a run config: as given, else relative to the config's dir, else the repo root."""
-    cands = [Path(p)] + ([base / p] if base else []) + [ROOT / p]
+    """A path from a run config: as given, else relative to the config's dir (for a checkpoint's
+    own config.json also the run's output_dir, two levels up), else the repo root."""
+    bases = [base] if base else []
+    if base and step_of(base) is not None:
+        bases.append(base.parent.parent)
+    cands = [Path(p)] + [b / p for b in bases] + [ROOT / p]
     for c in cands:
         if c.exists():
             return str(c)

@@ -9,7 +9,7 @@ memory floor (docs/benchmarks/memory.md).
 
 ``tie_gradient_in_place(model)`` is applied from outside to a built model; nothing in
 ``pretrain.models`` calls it, so models keep megatron's own forward unless a caller asks.
-``tools/bench_memory.py`` measures it (the ``*_tied`` probes) and ``tests/test_bench_memory.py``
+``tools/bench_memory.py`` measures it (the ``*_tied`` probes) and ``tests/tools/test_bench_memory.py``
 checks that the gradients and fused steps are unchanged.
 
 A sparse lookup gradient (``F.embedding(..., sparse=True)``) is no alternative on torch 2.13:

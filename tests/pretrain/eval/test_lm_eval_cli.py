@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TASKS = "heldout_ppl,heldout_cloze"
 LIMIT = 4
 pytest.importorskip("lm_eval")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: slurm_local
 from slurm_local import LocalSlurm, SlurmUnavailable, missing_programs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SLURM_DIR = ROOT / "launch" / "slurm"
 NODE_SH = SLURM_DIR / "launch_node.sh"
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")

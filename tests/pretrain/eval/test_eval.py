@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
 CACHE = str(ROOT / "data/cache")
 sys.path.insert(0, str(ROOT / "tools"))
@@ -95,7 +95,7 @@ def test_local_tasks_are_reproducible_from_the_heldout_text(tmp_path):
     row = json.loads((TASK_DIR / "heldout_nextpassage.jsonl").read_text().splitlines()[0])
     assert len(row["choices"]) == 4 and 0 <= row["label"] < 4
     # data paths stay relative to the task directory (tasks/utils.py resolves them), so a clone
-    # anywhere works; tests/test_lm_eval_cli.py runs the stock CLI on them from another directory
+    # anywhere works; tests/pretrain/eval/test_lm_eval_cli.py runs the stock CLI on them from another directory
     for name in LOCAL_TASKS:
         text = (TASK_DIR / f"{name}.yaml").read_text()
         assert "custom_dataset: !function utils.load_local" in text and f"test: {name}.jsonl" in text

@@ -9,7 +9,7 @@ import torch
 
 from pretrain.models.tied_embedding import tie_gradient_in_place
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():

@@ -19,7 +19,7 @@ import pytest
 from pretrain.train import launch_env
 from pretrain.train.launch_env import LaunchEnvError, detect, expand_hostlist, setup_launch_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
 CACHE = str(ROOT / "data/cache")
 CONFIG = str(ROOT / "configs/gpt_tiny.yaml")

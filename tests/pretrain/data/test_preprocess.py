@@ -11,7 +11,7 @@ import pytest
 import pretrain  # noqa: F401  (first: quiets megatron's import-time warnings)
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
 
 import preprocess_data  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 from pretrain.checkpoint import CheckpointError, list_checkpoints, resolve_resume, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
 CACHE = str(ROOT / "data/cache")
 PY = sys.executable

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
 CACHE = str(ROOT / "data/cache")
 PY = sys.executable

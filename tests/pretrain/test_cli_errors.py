@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 CONFIG = str(ROOT / "configs/gpt_tiny.yaml")
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")

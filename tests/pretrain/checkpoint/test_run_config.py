@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
 # The fields that do not shape the weights: an inference rebuild may change them.
 RUNTIME_FIELDS = {"hidden_dropout", "attention_dropout", "attention_backend"}
