@@ -211,8 +211,6 @@ def test_deepspeed_launcher_mpich_starts_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "pretrain/train/deepspeed_engine.py").exists(),
-                    reason="the DeepSpeed engine (pretrain/train/deepspeed_engine.py) has not landed yet")
 def test_deepspeed_launcher_mpich_with_the_deepspeed_engine(tmp_path):
     proc = _deepspeed_mpich(tmp_path, "deepspeed")
     assert "mpirun -n 2 -ppn 2" in proc.stdout + proc.stderr
