@@ -109,7 +109,9 @@ class FactoredSecondMoment(MemoptOptimizer):
             _, eps2 = grp["eps"]
             rho = self._step_size(grp, u.step)
             if grp["scale_parameter"]:
-                lr_t = rho * max(eps2, math.sqrt(float(red.get(d["w2"])) / max(L.numel, 1)))
+                scale = max(eps2, math.sqrt(float(red.get(d["w2"])) / max(L.numel, 1)))
+                self._note_scale(u.state, scale)
+                lr_t = rho * scale
             else:
                 lr_t = rho
             div = clip_divisor(red2.get(d["u2"]), L.numel, grp["clip_threshold"])
@@ -126,6 +128,10 @@ class FactoredSecondMoment(MemoptOptimizer):
     def _step_size(self, group: dict, step: int) -> float:
         """rho_t: the learning rate before parameter scaling."""
         return group["lr"]
+
+    def _note_scale(self, state: dict, scale) -> None:
+        """Hook: the parameter scale max(eps2, RMS(W)) of the update being applied with ``state``
+        (a float, or a 0-d device tensor on the sync-free path)."""
 
     def _beta2(self, group: dict, step: int) -> float:
         return decay_beta(step, group["decay_rate"])
@@ -146,7 +152,10 @@ class FactoredSecondMoment(MemoptOptimizer):
         div = stacked_clip_divisor(u, group["clip_threshold"])
         lr_t = per_param(self._step_size_t(group, t), t)
         if group["scale_parameter"]:
-            lr_t = lr_t * (norms(ws) / math.sqrt(max(u[0].numel(), 1))).clamp_(min=eps2)
+            scale = (norms(ws) / math.sqrt(max(u[0].numel(), 1))).clamp_(min=eps2)
+            for st, s in zip(states, scale.unbind(0)):
+                self._note_scale(st, s)
+            lr_t = lr_t * scale
         # A skipped parameter gets step size 0 and a zero update: W, M and the decay stay exact.
         lr_t = torch.where(ok, lr_t, 0.0)
         keep = expand(ok, u.dim())
@@ -182,7 +191,11 @@ class FactoredSecondMoment(MemoptOptimizer):
             v.mul_(beta).add_(g2.add_(eps1), alpha=1.0 - beta)
             u = grad * v.rsqrt()
             u.div_(clip_divisor(u.square().sum(), u.numel(), clip))
-            lr_t = rho * max(eps2, float(torch.linalg.vector_norm(p)) / math.sqrt(max(numel_all, 1))) if group["scale_parameter"] else rho
+            lr_t = rho
+            if group["scale_parameter"]:
+                scale = max(eps2, float(torch.linalg.vector_norm(p)) / math.sqrt(max(numel_all, 1)))
+                self._note_scale(state, scale)
+                lr_t = rho * scale
             apply_weight_decay(p, lr_t * wd, self.multiplicative_decay)
             if beta1 is not None:
                 m = state["exp_avg"]
@@ -203,7 +216,9 @@ class FactoredSecondMoment(MemoptOptimizer):
             return False
         if group["scale_parameter"]:
             w_sq = sum(float(s.w_sq) for s in stats)
-            lr_t = rho * max(eps2, math.sqrt(w_sq / numel_all))
+            scale = max(eps2, math.sqrt(w_sq / numel_all))
+            self._note_scale(state, scale)
+            lr_t = rho * scale
         else:
             lr_t = rho
         decay = lr_t * wd
@@ -279,7 +294,47 @@ class Adafactor(FactoredSecondMoment):
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init,
         )
+        # id(state) -> (state, scale of its last update): the state rides along so that its id
+        # cannot be reused by another dict while the entry exists.
+        self._scales: dict[int, tuple[dict, float | torch.Tensor]] = {}
         super().__init__(params, defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
+
+    def __setattr__(self, name, value):
+        # A torch LRScheduler wraps ``optimizer.step`` in its constructor after setting each
+        # group's "initial_lr" and before its first get_lr(): the one moment memopt sees it attach.
+        # A relative step has no lr to scale and torch would fail there with "None * float".
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
+            for group in self.param_groups:
+                if group["relative_step"] and group.get("initial_lr") is None:
+                    raise ValueError(
+                        "Adafactor: relative_step=True computes its own step size, there is no lr for an LR "
+                        "scheduler to scale; pass relative_step=False, lr=... to schedule it "
+                        "(transformers' AdafactorSchedule only reports the relative step and works as is)"
+                    )
+        super().__setattr__(name, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._scales.clear()
+
+    def _note_scale(self, state, scale):
+        self._scales[id(state)] = (state, scale)
+
+    def _get_lr(self, group: dict, state: dict):
+        """transformers' ``Adafactor._get_lr``, which ``AdafactorSchedule`` calls after each step:
+        the step size of the last update made with ``state`` (rho_t times max(eps2, RMS(W)), W
+        before that update). A 0-d device tensor where the step count is one (the sync-free path),
+        so asking costs no host sync; whoever logs it reads it."""
+        step = state.get("step", 0)
+        if torch.is_tensor(step):
+            rho = self._step_size_t(group, step.clamp(min=1))
+        else:
+            rho = self._step_size(group, max(step, 1))
+        if not group["scale_parameter"]:
+            return rho
+        # Before any update transformers' state["RMS"] is 0, so its scale is eps2.
+        noted = self._scales.get(id(state))
+        return rho * (noted[1] if noted is not None else group["eps"][1])
 
     def _step_size(self, group, step):
         if group["relative_step"]:
