@@ -8,9 +8,11 @@ from .came import CAME
 from .fused import DynamicLossScaler
 from .lomo import Lomo
 from .registry import FUSED_BACKWARD, OPTIMIZERS, create_optimizer, optimizer_hparams
+from .sharding import TensorParallelSplit, mark_tensor_parallel, tensor_parallel_split
 
 __all__ = [
     "Adafactor", "AdaLomo", "Adapprox", "CAME", "Lomo", "MemoptOptimizer", "NonFiniteGradientError",
     "DynamicLossScaler", "OPTIMIZERS", "FUSED_BACKWARD", "create_optimizer", "optimizer_hparams",
+    "TensorParallelSplit", "mark_tensor_parallel", "tensor_parallel_split",
 ]
 __version__ = "0.1.0"

@@ -363,3 +363,42 @@ def dtensor_layout(p) -> tuple[torch.Tensor, Layout]:
     if local.shape[0] != stop - start:
         raise RuntimeError(f"memopt: unexpected Shard(0) split: rank {rank} holds {local.shape[0]} of {d0} rows")
     return local, Layout.row_shard(p.shape, start, stop, group)
+
+
+# -- tensor parallelism ----------------------------------------------------------------------
+# A tensor-parallel weight (megatron-core's column-, row- and vocab-parallel layers) is a slice
+# of its logical matrix: rows split (dim 0: column-parallel, vocab-parallel embedding) or columns
+# split (dim 1: row-parallel). Engines mark such parameters; layouts then place the local slice
+# inside the full matrix, so factored statistics are reduced over the ranks that split it.
+TP_ATTR = "_memopt_tensor_parallel"
+
+
+@dataclass(frozen=True)
+class TensorParallelSplit:
+    """How a parameter is split over a tensor-parallel group (equal contiguous slices)."""
+
+    dim: int  # 0 (rows of the matrix) or 1 (columns); biases of column-parallel layers: 0
+    rank: int  # this rank's index in the TP group
+    world: int  # TP group size
+    group: object  # the TP process group
+    tp_dp_group: object = None  # the group of every rank of TP x DP (for data-parallel sharding)
+
+
+def mark_tensor_parallel(param: torch.Tensor, dim: int, rank: int, world: int, group,
+                         tp_dp_group=None) -> None:
+    """Declare ``param`` (its local slice) as split along ``dim`` over a TP group of ``world``
+    ranks; ``tp_dp_group`` spans TP x DP and is needed when the data-parallel engine shards the
+    slice further (ZeRO, FSDP2). Call it on the parameter the optimizer will see (after FSDP2's
+    ``fully_shard``, which replaces parameters)."""
+    if dim not in (0, 1) or param.dim() not in (1, 2) or (param.dim() == 1 and dim != 0):
+        raise ValueError(f"memopt: tensor-parallel split dim {dim} of a {param.dim()}-D parameter is not supported "
+                         "(2-D weights split along 0 or 1, 1-D biases along 0)")
+    if not 0 <= rank < world:
+        raise ValueError(f"memopt: tensor-parallel rank {rank} outside a group of {world}")
+    setattr(param, TP_ATTR, TensorParallelSplit(dim, rank, world, group, tp_dp_group))
+
+
+def tensor_parallel_split(param) -> TensorParallelSplit | None:
+    """The split ``mark_tensor_parallel`` declared for ``param``, or None (``world == 1`` too)."""
+    split = getattr(param, TP_ATTR, None)
+    return split if split is not None and split.world > 1 else None
