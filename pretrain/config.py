@@ -146,6 +146,12 @@ class EngineSection(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+class ParallelSection(_Section):
+    # Megatron tensor parallelism: each layer's matrices are split over this many consecutive
+    # ranks; the data-parallel size is the world size / tensor_parallel_size.
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/default"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -155,6 +161,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     engine: EngineSection = Field(default_factory=EngineSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -275,9 +282,15 @@ def _check_model(cfg: RunConfig) -> None:
     if cfg.train.seq_length:
         overrides["seq_length"] = cfg.train.seq_length
     try:
-        get_preset(m.preset, m.kind, **overrides)
+        arch = get_preset(m.preset, m.kind, **overrides)
     except ValueError as e:
         raise ConfigError(f"config key 'model.overrides': {e}") from None
+    from pretrain.models.config import check_tensor_parallel
+
+    try:  # the vocabulary is the tokenizer's: the trainer checks it again with it
+        check_tensor_parallel(arch, cfg.parallel.tensor_parallel_size, check_vocab=False)
+    except ValueError as e:
+        raise ConfigError(f"config key 'parallel.tensor_parallel_size': {e}") from None
 
 
 def _check_files(cfg: RunConfig) -> None:

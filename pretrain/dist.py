@@ -63,10 +63,13 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def all_ranks_mean(x: float) -> float:
-    """The mean of a number over the ranks (float64, so it does not depend on the reduce order)."""
-    if dist_world() == 1:
+def all_ranks_mean(x: float, group=None) -> float:
+    """The mean of a number over the ranks of ``group`` (default: all), in float64 so it does not
+    depend on the reduce order. Tensor-parallel runs pass the data-parallel group: the TP ranks
+    of one replica hold the same loss, and each replica counts once."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist_world()
+    dist.all_reduce(t, group=group)
+    return float(t) / world

@@ -65,6 +65,22 @@ class TransformerArch:
         return dataclasses.asdict(self)
 
 
+def check_tensor_parallel(arch: TransformerArch, tp: int, check_vocab: bool = True) -> None:
+    """ValueError (one line, saying what to change) unless ``arch`` splits over ``tp`` ranks:
+    attention heads, hidden and FFN sizes, and the padded vocabulary (which does not depend on
+    TP, so runs at every TP size have the same shapes and comparable losses)."""
+    if tp == 1:
+        return
+    for name in ("num_attention_heads", "hidden_size", "ffn_hidden_size"):
+        if getattr(arch, name) % tp:
+            raise ValueError(f"{name}={getattr(arch, name)} is not divisible by tensor_parallel_size={tp}; "
+                             f"choose a tensor_parallel_size that divides it")
+    if check_vocab and arch.padded_vocab_size % tp:
+        raise ValueError(f"the padded vocabulary ({arch.padded_vocab_size} = vocab {arch.vocab_size} rounded up to "
+                         f"make_vocab_size_divisible_by={arch.make_vocab_size_divisible_by}) is not divisible by "
+                         f"tensor_parallel_size={tp}; set model.overrides.make_vocab_size_divisible_by to a multiple of {tp}")
+
+
 @dataclass
 class GPTConfig(TransformerArch):
     """GPT-2 layout: learned absolute positions, pre-LayerNorm blocks with a final LayerNorm,

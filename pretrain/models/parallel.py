@@ -58,3 +58,38 @@ def tensor_parallel_rank() -> int:
 
 def tensor_parallel_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+# -- the data-parallel dimension under TP -----------------------------------------------------
+# megatron orders ranks TP-first: the TP groups are consecutive ranks ({0, 1}, {2, 3} at TP=2 on
+# 4 ranks) and a DP group takes one rank of each ({0, 2}, {1, 3}). Everything that splits data
+# (the loader, token counts, logged means, gradient averaging) uses the DP dimension only: the
+# TP ranks of one replica see the same batches. Before megatron is set up (a bare process, a
+# tool), DP is the whole world.
+
+def data_parallel_rank() -> int:
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_rank()
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def data_parallel_size() -> int:
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_world_size()
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def data_parallel_group():
+    """megatron's DP group (None, i.e. the default group, before megatron is set up)."""
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_group()
+    return None
+
+
+def tensor_parallel_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def tensor_and_data_parallel_group():
+    """All ranks that hold a piece of one logical parameter: TP x DP (the whole world here)."""
+    return parallel_state.get_tensor_and_data_parallel_group()

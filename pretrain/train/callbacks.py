@@ -25,7 +25,7 @@ import torch
 
 from pretrain.checkpoint import save_checkpoint
 
-from pretrain.dist import all_ranks_mean, dist_rank, dist_world
+from pretrain.dist import all_ranks_mean, dist_rank
 
 
 class Callback:
@@ -162,7 +162,11 @@ class EvaluatorCallback(Callback):
 
         model = trainer.engine.model
         model.eval()
-        loader = build_loader(trainer.valid_ds, trainer.cfg.train.micro_batch_size, 0, dist_rank(), dist_world())
+        from pretrain.models.parallel import data_parallel_group, data_parallel_rank, data_parallel_size
+
+        # Split over DP only: the TP ranks of one replica evaluate the same samples together.
+        loader = build_loader(trainer.valid_ds, trainer.cfg.train.micro_batch_size, 0, data_parallel_rank(),
+                              data_parallel_size())
         total, count = 0.0, 0
         for i, batch in enumerate(loader):
             if i >= self.iters:
@@ -171,7 +175,7 @@ class EvaluatorCallback(Callback):
             total += float(loss)
             count += 1
         model.train()
-        value = all_ranks_mean(total / max(count, 1))
+        value = all_ranks_mean(total / max(count, 1), data_parallel_group())
         return value if math.isfinite(value) else float("nan")
 
 

@@ -24,6 +24,7 @@ from pretrain.errors import UserError
 
 from .callbacks import Callback, default_callbacks
 from pretrain.dist import all_ranks_mean, dist_rank, dist_world
+from pretrain.models.parallel import data_parallel_group, data_parallel_size
 from .engines import build_engine, select_engine_kind
 from .metrics import peak_memory_bytes
 from .resume import check_resumable, schedule_changes
@@ -81,7 +82,8 @@ class Trainer:
             tqdm.write(f"warning: {message}", file=sys.stdout)  # above the progress bar, if any
 
     def checkpoint_state(self) -> dict:
-        return dict(asdict(self.state), world_size=dist_world(), engine=self.engine.name)
+        return dict(asdict(self.state), world_size=dist_world(), engine=self.engine.name,
+                    tensor_parallel_size=self.cfg.parallel.tensor_parallel_size)
 
     def _each(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -90,14 +92,17 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def _setup(self) -> None:
         from pretrain.data import build_loader, load_tokenizer
-        from pretrain.models import build_model, init_model_parallel
+        from pretrain.models import build_model
+        from pretrain.models.parallel import data_parallel_rank
 
         cfg = self.cfg
-        init_model_parallel(tensor_parallel_size=1, seed=cfg.train.seed)  # also the process group
-        world = dist_world()
+        _init_parallel(cfg)  # also the process group
+        # TP ranks of one replica see the same batches: data is split over DP only.
+        world = data_parallel_size()
         kind = select_engine_kind(cfg)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         model_cfg = model_config(cfg, tokenizer.vocab_size, kind=self.task.kind)
+        _check_tensor_parallel(model_cfg, cfg.parallel.tensor_parallel_size)
 
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
         n_evals = cfg.train.steps // cfg.train.eval_every + 1 if cfg.train.eval_every else 0
@@ -128,7 +133,7 @@ class Trainer:
             notes.append(f"resumed from {resume_from} at step {self.state.step}")
         self.start_step = self.state.step
         self.loader = build_loader(train_ds, cfg.train.micro_batch_size, self.state.consumed_samples,
-                                   dist_rank(), world, cfg.data.num_workers)
+                                   data_parallel_rank(), world, cfg.data.num_workers)
         if dist_rank() == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "config.json").write_text(self.config_json)
@@ -151,7 +156,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.step_lr = self.engine.lr  # DeepSpeed steps its schedule inside the step
                 micro = [self.to_device(next(batches)) for _ in range(cfg.train.grad_accum_steps)]
-                step_tokens = sum(int(b[self.task.tokens_key].numel()) for b in micro) * dist_world()
+                step_tokens = sum(int(b[self.task.tokens_key].numel()) for b in micro) * data_parallel_size()
                 losses = self.engine.train_step(micro, self.loss_fn)
                 self.state.consumed_samples += self.global_batch
                 self.state.tokens += step_tokens
@@ -169,7 +174,7 @@ class Trainer:
                     self._each("on_skipped_step")
                     continue
                 nonfinite_in_a_row = 0
-                last_loss = all_ranks_mean(sum(losses) / len(losses))
+                last_loss = all_ranks_mean(sum(losses) / len(losses), data_parallel_group())
                 first_loss = last_loss if first_loss is None else first_loss
                 metrics = {}
                 step = self.state.step
@@ -191,6 +196,7 @@ class Trainer:
             tokens_per_s=(self.state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
             peak_memory_bytes=peak_memory_bytes(), nonfinite_skipped_steps=self.state.nonfinite_skipped_steps,
             engine=self.engine.name, world_size=dist_world(), output_dir=str(cfg.output_dir),
+            tensor_parallel_size=cfg.parallel.tensor_parallel_size,
         )
 
 
@@ -200,10 +206,37 @@ def train(cfg: RunConfig, task: TaskSpec, loss_fn: Callable | None = None,
     return Trainer(cfg, task, loss_fn=loss_fn, callbacks=callbacks).fit()
 
 
+def _init_parallel(cfg: RunConfig) -> None:
+    """megatron's parallel state at the run's TP size (a one-line error if it does not divide the world)."""
+    from pretrain.config import ConfigError
+    from pretrain.dist import ensure_process_group
+    from pretrain.models import init_model_parallel
+
+    ensure_process_group()
+    tp = cfg.parallel.tensor_parallel_size
+    if dist_world() % tp:
+        raise ConfigError(f"config key 'parallel.tensor_parallel_size': {tp} does not divide the {dist_world()} "
+                          "processes (data-parallel size = processes / tensor_parallel_size)")
+    init_model_parallel(tensor_parallel_size=tp, seed=cfg.train.seed)
+
+
+def _check_tensor_parallel(model_cfg, tp: int) -> None:
+    from pretrain.config import ConfigError
+    from pretrain.models.config import check_tensor_parallel
+
+    try:
+        check_tensor_parallel(model_cfg, tp)
+    except ValueError as e:
+        raise ConfigError(f"config key 'parallel.tensor_parallel_size': {e}") from None
+
+
 def _init_weights(model, source: str, model_cfg) -> None:
     from pretrain.checkpoint import initial_weights
+    from pretrain.models.tp_state import slice_local, split_dims
 
-    missing, unexpected = model.load_state_dict(initial_weights(source, model_cfg), strict=False)
+    # Checkpoints hold full (TP=1) tensors: this rank takes its slices.
+    weights = slice_local(initial_weights(source, model_cfg), split_dims(model))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"model.init_from={source}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -14,7 +14,11 @@ from pretrain.errors import CheckpointError
 from pretrain.optim import build_scheduler, optimizer_kwargs
 
 from pretrain.dist import dist_rank
+from pretrain.models.parallel import data_parallel_group, data_parallel_size, tensor_parallel_size
+from pretrain.models.tp_state import (gather_full, gather_optimizer_state, mark_for_optimizer, optimizer_param_names,
+                                      slice_local, slice_optimizer_state, split_dims)
 from .base import Engine, use_fused_backward
+from .grad_norm import clip_grad_norm_tensor_parallel
 
 
 class SingleEngine(Engine):
@@ -27,8 +31,10 @@ class SingleEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg):
         self.cfg = cfg
         self.module = model  # the unwrapped model (for export and evaluation)
+        self.tp_dims = split_dims(model)  # by name, before wrapping: FSDP2 replaces the parameters
         self.fused = use_fused_backward(cfg, self.supports_fused_backward, self.name)
         self.model = self.wrap(model)
+        mark_for_optimizer(list(self.module.named_parameters()), self.tp_dims)
         self.optimizer = memopt.create_optimizer(cfg.optimizer.name, self.model.parameters(), **optimizer_kwargs(cfg))
         self.scheduler = build_scheduler(
             self.optimizer, cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio
@@ -49,7 +55,9 @@ class SingleEngine(Engine):
 
     def apply_update(self) -> None:
         if not self.fused:
-            if self._clip is not None:
+            if self._clip is not None and tensor_parallel_size() > 1:
+                clip_grad_norm_tensor_parallel(self.module.named_parameters(), self._clip, self.tp_dims)
+            elif self._clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -58,18 +66,48 @@ class SingleEngine(Engine):
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    # -- checkpoints: full (unsharded) model and optimizer state, written by rank 0 -----------
+    # -- checkpoints: full (unsharded, TP=1) model and optimizer state, written by rank 0 -----
+    # TP slices are gathered on save and cut again on load, so a checkpoint resumes at any TP
+    # size and export reads it as a TP=1 one. memopt optimizers also write their name-keyed full
+    # state (memopt.checkpoint), the one that resumes at another TP size; torch optimizers'
+    # state_dict() is already name-order keyed and only needs its moments gathered.
+    def _optimizer_names(self) -> list:
+        return optimizer_param_names(self.optimizer, self.module.named_parameters())
+
     def save(self, path: Path) -> None:
+        model = gather_full(self.module.state_dict(), self.tp_dims)  # collectives over TP
+        full = optim = None
+        if isinstance(self.optimizer, memopt.MemoptOptimizer):
+            from memopt.checkpoint import full_state_dict
+
+            full = full_state_dict(self.optimizer, self.module)  # a collective: every rank calls it
+            if tensor_parallel_size() == 1:
+                optim = self.optimizer.state_dict()
+        else:
+            optim = gather_optimizer_state(self.optimizer.state_dict(), self._optimizer_names(), self.tp_dims)
         if dist_rank() == 0:
-            torch.save(self.module.state_dict(), path / MODEL_FILE)
-            torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
+            torch.save(model, path / MODEL_FILE)
+            for name, state in ((OPTIMIZER_FILE, optim), (OPTIMIZER_FULL_FILE, full)):
+                if state is not None:
+                    torch.save(state, path / name)
             torch.save(self.scheduler.state_dict(), path / SCHEDULER_FILE)
 
     def load(self, path: Path) -> None:
         # Read every file before changing anything, so a bad file leaves the run untouched.
-        model, optim, sched = (safe_torch_load(path / f) for f in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE))
-        self.module.load_state_dict(model)
-        self.optimizer.load_state_dict(optim)
+        memopt_full = isinstance(self.optimizer, memopt.MemoptOptimizer) and (
+            tensor_parallel_size() > 1 or not (path / OPTIMIZER_FILE).is_file())
+        optim_file = OPTIMIZER_FULL_FILE if memopt_full else OPTIMIZER_FILE
+        if not (path / optim_file).is_file():
+            raise CheckpointError(f"{path} has no {optim_file}: written before tensor-parallel checkpoints; resume "
+                                  "it with parallel.tensor_parallel_size=1")
+        model, optim, sched = (safe_torch_load(path / f) for f in (MODEL_FILE, optim_file, SCHEDULER_FILE))
+        self.module.load_state_dict(slice_local(model, self.tp_dims))
+        if memopt_full:
+            from memopt.checkpoint import load_full_state_dict
+
+            load_full_state_dict(self.optimizer, optim, self.module)
+        else:
+            self.optimizer.load_state_dict(slice_optimizer_state(optim, self._optimizer_names(), self.tp_dims))
         self.scheduler.load_state_dict(sched)
 
 
@@ -83,7 +121,8 @@ class DDPEngine(SingleEngine):
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model)
+        # Gradients are averaged over the data-parallel group only (TP ranks hold different slices).
+        return DistributedDataParallel(model, process_group=data_parallel_group())
 
 
 class FSDP2Engine(SingleEngine):
@@ -92,10 +131,13 @@ class FSDP2Engine(SingleEngine):
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard
 
+        # Shard over the data-parallel dimension of a (dp, tp) mesh whose rows are megatron's TP
+        # groups (consecutive ranks); the TP slices themselves stay megatron's plain tensors.
+        mesh = _dp_mesh()
         # Shard each transformer layer, then the root (embeddings, final norm, head).
         for layer in _transformer_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         # Fused backward works as is under FSDP2: the post-accumulate-grad hooks fire on the
         # sharded parameters after the reduce-scatter (memopt.sharding keeps the update exact).
         return model
@@ -138,6 +180,18 @@ class FSDP2Engine(SingleEngine):
             _dcp_load(state, reader, path)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(sched)
+
+
+def _dp_mesh():
+    """The DP sub-mesh of a 2-D (dp, tp) DeviceMesh in megatron's rank order (None at TP=1: FSDP2's
+    default mesh over all ranks)."""
+    tp = tensor_parallel_size()
+    if tp == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (data_parallel_size(), tp), mesh_dim_names=("dp", "tp"))["dp"]
 
 
 def _dcp_load(state: dict, reader, path: Path) -> None:
