@@ -6,7 +6,9 @@ so Megatron users recognize checkpoints, and the mapping to HF ``GPT2LMHeadModel
 weight mapping (see ``pretrain.models.hf_compat``). The output layer has no weight of its own:
 it reuses the word embeddings (tied, as in GPT-2).
 
-The forward pass is megatron's untouched:
+The forward pass is megatron's, except that at TP = 1 the tied word embedding's gradient is built
+in place (``pretrain.models.tied_embedding``: the same outputs, bitwise the same gradient, one
+vocab x hidden tensor less memory in backward):
 ``model(input_ids, position_ids, attention_mask, labels=None)`` returns vocab-parallel logits
 ``[b, s, V_padded/TP]`` or, with labels, per-token losses ``[b, s]``. The helpers below are free
 functions (not methods) so they work the same on a model wrapped by DDP / FSDP / DeepSpeed.
@@ -24,6 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from pretrain.models import megatron_compat
 from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import GPTConfig
+from pretrain.models.tied_embedding import in_place_unsupported, tie_gradient_in_place
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,10 @@ class MegatronGPT(GPTModel):
             parallel_output=True,
         )
         self.model_config = cfg
+        # One gradient tensor for the tied embedding (bitwise the stock gradient, one dense
+        # vocab x hidden tensor fewer at the end of backward) where megatron's layout allows it.
+        if in_place_unsupported(self) is None:
+            tie_gradient_in_place(self)
 
 
 def build_gpt(cfg: GPTConfig, seed: Optional[int] = 1234) -> MegatronGPT:
