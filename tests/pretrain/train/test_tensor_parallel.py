@@ -1,0 +1,147 @@
+"""Tensor parallelism in the trainer: TP runs equal TP=1 runs of the same global batch, their
+checkpoints hold full TP=1 tensors (resume at another TP size, export unchanged), and the config
+refuses TP sizes the model cannot split. Multi-process runs use torchrun with gloo on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+TOKENIZER = str(ROOT / "data/tokenizer/spm_bpe_8k.model")
+CACHE = str(ROOT / "data/cache")
+COMMON = [f"data.tokenizer={TOKENIZER}", f"data.cache_dir={CACHE}", "train.progress_bar=false",
+          "train.eval_every=0", "checkpoint.every=0", "optimizer.name=adamw"]
+TOL = 1e-5  # losses of TP and TP=1 runs: the same sums in another order
+
+
+def _cfg(out, *overrides):
+    from pretrain.config import load_run_config
+
+    return load_run_config(str(ROOT / "configs/gpt_tiny.yaml"), [f"output_dir={out}", *COMMON, *overrides])
+
+
+def _train(out, *overrides) -> dict:
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import train
+
+    return train(_cfg(out, *overrides), GPT)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out, nproc, *overrides) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), str(ROOT / "launch/pretrain_gpt.py"), "--config", str(ROOT / "configs/gpt_tiny.yaml"),
+           f"output_dir={out}", *COMMON, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
+
+
+def _assert_close_losses(a: dict, b: dict, steps) -> None:
+    for step in steps:
+        assert abs(a[step] - b[step]) <= TOL, (step, a[step], b[step])
+
+
+def _model(ckpt) -> dict:
+    return torch.load(Path(ckpt) / "model.pt", weights_only=True)
+
+
+# -- config errors (no processes) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tensor_parallel_size=3", "config key 'parallel.tensor_parallel_size': num_attention_heads=4 is not "
+                                        "divisible by tensor_parallel_size=3; choose a tensor_parallel_size that divides it"),
+    ("parallel.tensor_parallel_size=0", "config key 'parallel.tensor_parallel_size': Input should be greater than or "
+                                        "equal to 1 (got 0)"),
+])
+def test_a_tp_size_the_model_cannot_split_is_a_one_line_error(tmp_path, override, message):
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, override)
+    assert str(err.value) == message
+
+
+def test_padded_vocab_is_tp_independent_and_checked():
+    from pretrain.models.config import check_tensor_parallel, get_preset
+
+    cfg = get_preset("tiny", "gpt", vocab_size=8000)
+    assert cfg.padded_vocab_size == 8064  # 8000 rounded up to 128, whatever the TP size
+    check_tensor_parallel(cfg, 2)
+    odd = get_preset("tiny", "gpt", vocab_size=8000, make_vocab_size_divisible_by=63)  # 8001 = 127 * 63
+    with pytest.raises(ValueError, match="padded vocabulary .8001.*make_vocab_size_divisible_by to a multiple of 2"):
+        check_tensor_parallel(odd, 2)
+
+
+def test_tp_size_must_divide_the_processes(tmp_path):
+    from pretrain.config import ConfigError
+    from pretrain.train.tasks import GPT
+    from pretrain.train.trainer import Trainer
+
+    cfg = _cfg(tmp_path, "parallel.tensor_parallel_size=2")  # one process here
+    with pytest.raises(ConfigError, match="tensor_parallel_size': 2 does not divide the 1 processes"):
+        Trainer(cfg, GPT).fit()
+
+
+# -- TP=2 x DP=1 against TP=1: training, resume both ways, export --------------------------------
+
+def test_tp2_trains_like_tp1_resumes_at_either_size_and_exports(tmp_path):
+    tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
+    steps = ["train.steps=4", "checkpoint.every=2"]
+    _train(tp1, *steps)
+    _torchrun(tp2, 2, "parallel.tensor_parallel_size=2", *steps)
+    a, b = _losses(tp1), _losses(tp2)
+    assert sorted(b) == [1, 2, 3, 4]
+    _assert_close_losses(a, b, [1, 2, 3, 4])
+    # Token counts are the DP replicas' tokens (one replica here), not the TP ranks'.
+    assert [r["tokens"] for r in _rows(tp2) if "loss" in r] == [r["tokens"] for r in _rows(tp1) if "loss" in r]
+
+    # The TP=2 checkpoint holds full (TP=1) tensors, with the TP=1 run's names and shapes.
+    m1, m2 = _model(tp1 / "checkpoints/step_00000004"), _model(tp2 / "checkpoints/step_00000004")
+    assert m1.keys() == m2.keys()
+    for k, v in m1.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            assert v.shape == m2[k].shape, k
+            assert torch.allclose(v, m2[k], atol=1e-4), k
+
+    # TP=2 -> TP=1: resume TP=2's step 2 in one process; steps 3, 4 continue the TP=2 run.
+    resumed1 = tmp_path / "resumed1"
+    _train(resumed1, "train.steps=4", f"checkpoint.resume={tp2 / 'checkpoints/step_00000002'}")
+    assert sorted(_losses(resumed1)) == [3, 4]
+    _assert_close_losses(b, _losses(resumed1), [3, 4])
+    # TP=1 -> TP=2: resume TP=1's step 2 on two TP ranks.
+    resumed2 = tmp_path / "resumed2"
+    _torchrun(resumed2, 2, "parallel.tensor_parallel_size=2", "train.steps=4",
+              f"checkpoint.resume={tp1 / 'checkpoints/step_00000002'}")
+    assert sorted(_losses(resumed2)) == [3, 4]
+    _assert_close_losses(a, _losses(resumed2), [3, 4])
+
+    # Export reads the TP=2 checkpoint as it reads a TP=1 one; HF's logits match the model's.
+    out = tmp_path / "hf"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/convert_to_hf.py"), str(tp2 / "checkpoints/step_00000004"),
+                           str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["max_abs_diff"] <= 1e-4
