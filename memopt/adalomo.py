@@ -14,6 +14,7 @@ from __future__ import annotations
 from .adafactor import FactoredSecondMoment, check_factored_hparams
 from .base import check_positive
 from .fused import FusedBackwardOptimizer
+from .stochastic_rounding import check_rounding_options
 
 
 class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
@@ -32,6 +33,8 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter, cache-blocked reference path).
         fused: None or False; True (fused kernels) is not available yet and raises.
+        stochastic_rounding, rounding_seed: unbiased rounding of the update into bf16 weights,
+            as in ``memopt.Lomo`` (memopt.stochastic_rounding).
     """
 
     multiplicative_decay = True  # lomo_optim's rounding: W *= 1 - lr_t * weight_decay
@@ -51,12 +54,16 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         on_nonfinite: str = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ):
         check_positive("lr", lr)
         check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay)
+        check_rounding_options(stochastic_rounding, rounding_seed)
         defaults = dict(
             lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-            weight_decay=weight_decay, scale_parameter=True,
+            weight_decay=weight_decay, scale_parameter=True, stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
         )
         super().__init__(
             params, defaults, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,

@@ -40,6 +40,7 @@ import torch
 from torch.optim import Optimizer
 
 from .sharding import Layout, LogicalParam, Unit, dtensor_layout, is_dtensor
+from .stochastic_rounding import IndexTensors, write_back_, write_back_stack_
 
 #: What ``_gradient_transform`` returns: the gradient (a local piece of it for a sharded
 #: parameter) and its group -> the gradient the update uses.
@@ -119,6 +120,7 @@ class MemoptOptimizer(Optimizer):
         self._fragment_index: dict[str, int] = {}
         self._index_of: dict[torch.Tensor, int] | None = None
         self._suspended = False  # True while an engine runs its initialization steps
+        self._index_tensors = IndexTensors(self.logical_index)  # stochastic rounding's keys
         super().__init__(params, defaults)
         self._group_of: dict[torch.Tensor, dict] | None = None
 
@@ -340,7 +342,7 @@ class MemoptOptimizer(Optimizer):
         for u in units:
             if not u.layout.sharded:
                 self._apply_local(u.param.view(u.layout.full_shape), u.grad.view(u.layout.full_shape),
-                                  u.state, u.group, u.layout.full_shape, target=u.target)
+                                  u.state, u.group, u.layout.full_shape, target=u.target, key=u.key)
                 continue
             by_pg.setdefault(id(u.layout.group), []).append(u)
             pgs[id(u.layout.group)] = u.layout.group
@@ -353,7 +355,7 @@ class MemoptOptimizer(Optimizer):
                 if ok:
                     u.state["step"] = u.step
                     if u.target is not None:
-                        u.target.copy_(u.param)
+                        write_back_(u.target, u.param, u.group, self.logical_index(u.key), u.step, u.layout.start)
                 else:
                     u.state["nonfinite_skips"] += 1
                     if u.group["on_nonfinite"] == "raise" and failed is None:
@@ -446,12 +448,13 @@ class MemoptOptimizer(Optimizer):
             low_precision = ps[0].dtype != torch.float32
             ws = list(torch.stack(ps).float().unbind(0)) if low_precision else ps
             steps = [st["step"] for st in states]
-            ok = self._foreach_update(ws, grads, states, group, torch.stack(steps) + 1)
+            t = torch.stack(steps) + 1
+            ok = self._foreach_update(ws, grads, states, group, t)
             torch._foreach_add_(steps, ok.to(torch.float32).unbind(0))
             skipped = ~ok if gate is None else ~ok & gate
             torch._foreach_add_([st["nonfinite_skips"] for st in states], skipped.to(torch.int64).unbind(0))
             if low_precision:
-                torch._foreach_copy_(ps, ws)
+                write_back_stack_(ps, ws, group, self._index_tensors, t)
             for (i, *_), o in zip(members, ok.unbind(0)):
                 oks[i] = o
             if group["on_nonfinite"] == "raise":
@@ -487,7 +490,7 @@ class MemoptOptimizer(Optimizer):
             self._new_state(p, p, None, state, group, p.device)
         return self._apply_local(p, grad, state, group, p.shape)
 
-    def _apply_local(self, p, grad, state, group, shape, target=None) -> bool:
+    def _apply_local(self, p, grad, state, group, shape, target=None, key=None) -> bool:
         work = p if p.dtype == torch.float32 else p.detach().float()
         g32 = grad if grad.dtype == torch.float32 else grad.float()
         step = host_int(state["step"]) + 1
@@ -500,10 +503,10 @@ class MemoptOptimizer(Optimizer):
                 )
             return False
         state["step"] = step
-        if work is not p:
-            p.copy_(work)
+        if work is not p:  # a low-precision weight (stochastic rounding: memopt.stochastic_rounding)
+            write_back_(p, work, group, self.logical_index(p), step)
         if target is not None:
-            target.copy_(work.reshape(-1))
+            write_back_(target, work.reshape(-1), group, self.logical_index(key), step)
         return True
 
     @property

@@ -9,6 +9,7 @@ import torch
 
 from .base import all_finite, check_nonnegative, check_positive, is_finite
 from .sharding import Reducer
+from .stochastic_rounding import check_rounding_options
 from .factored import row_slices
 from .fused import FusedBackwardOptimizer
 from .multitensor import apply_update_, expand
@@ -33,6 +34,10 @@ class Lomo(FusedBackwardOptimizer):
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter reference path).
         fused: None or False; True (fused kernels) is not available yet and raises.
+        stochastic_rounding: write updates into bf16 weights rounded stochastically (unbiased,
+            so updates below bf16's resolution survive on average; memopt.stochastic_rounding)
+            instead of to nearest. No effect on fp32 weights.
+        rounding_seed: the seed of that rounding's counter-based random bits.
     """
 
     def __init__(
@@ -47,11 +52,16 @@ class Lomo(FusedBackwardOptimizer):
         on_nonfinite: str = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ):
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
+        check_rounding_options(stochastic_rounding, rounding_seed)
+        defaults = dict(lr=lr, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=rounding_seed)
         super().__init__(
-            params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm=clip_grad_norm,
+            params, defaults, clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value, loss_scale=loss_scale,
             loss_scale_growth_interval=loss_scale_growth_interval, on_nonfinite=on_nonfinite,
             foreach=foreach, fused=fused,

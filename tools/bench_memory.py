@@ -239,7 +239,9 @@ def measure(case: str, seq: int, steps: int) -> dict:
         malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         build_peak=meter.stages[0]["peak"], after_build=meter.stages[0]["after"],
     )
-    if case.endswith("_stock"):
+    if case.endswith("_stock") or case == "activations":
+        # activations: megatron's linear backward is patched below to skip its weight gradient;
+        # the in-place tied output layer would still form the tied weight's.
         use_megatron_forward(model)
 
     if case == "weights":
