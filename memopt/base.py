@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch.optim import Optimizer
 
-from .sharding import Layout, LogicalParam, Unit, dtensor_layout, is_dtensor
+from .sharding import Layout, LogicalParam, Unit, is_dtensor, local_layout, tensor_parallel_split
 from .stochastic_rounding import IndexTensors, write_back_, write_back_stack_
 
 #: What ``_gradient_transform`` returns: the gradient (a local piece of it for a sharded
@@ -279,7 +279,7 @@ class MemoptOptimizer(Optimizer):
             for p in group["params"]:
                 if p in self._fragments:
                     continue
-                local, layout = dtensor_layout(p) if is_dtensor(p) else (p, Layout.whole(p.shape))
+                local, layout = local_layout(p)
                 yield LogicalParam(p, layout, group, p.device, local, self.state, p)
 
     def ensure_state(self, lp: LogicalParam) -> dict:
@@ -303,7 +303,7 @@ class MemoptOptimizer(Optimizer):
 
     # -- sharded parameters ---------------------------------------------------------------
     def _is_sharded(self, p: torch.Tensor) -> bool:
-        return p in self._fragments or is_dtensor(p)
+        return p in self._fragments or is_dtensor(p) or tensor_parallel_split(p) is not None
 
     def _units_for(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> list[Unit]:
         """The units of a sharded parameter (a DTensor, or a bound flat partition)."""
@@ -321,7 +321,7 @@ class MemoptOptimizer(Optimizer):
                     name, flat_p.narrow(0, off, layout.length), flat_g.narrow(0, off, layout.length), layout, sub, group
                 ))
             return units
-        local, layout = dtensor_layout(p)
+        local, layout = local_layout(p)
         glocal = grad.to_local() if is_dtensor(grad) else grad
         return [self._make_unit(p, local, glocal, layout, self.state[p], group)]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import GradTransform, MemoptOptimizer, check_positive, resolve_foreach
-from .sharding import Reducer, dtensor_layout, is_dtensor
+from .sharding import Reducer, is_dtensor, local_layout
 
 # The reference adds this to the norm before dividing (lomo_optim); kept for parity.
 _NORM_EPS = 1e-6
@@ -157,31 +157,45 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         return g
 
     # -- ordinary mode (MemoptOptimizer.step with this gradient transform) ----------------------
-    def _sharded_sq_total(self, sharded: list[tuple[torch.Tensor, torch.Tensor]]):
-        """Sum over ranks of the squared norms of local shards: (total, process group) or (0, None)."""
-        if not sharded:
-            return 0.0, None
-        units_pg = None
-        local = torch.zeros((), dtype=torch.float32)
-        for p, sq in sharded:
-            if p in self._fragments:
-                pg = self._fragments[p][0][2].group if self._fragments[p] else None
-            else:
-                pg = dtensor_layout(p)[1].group
-            units_pg = pg if units_pg is None else units_pg
-            local = local + sq.float().cpu()
-        red = Reducer(units_pg)
-        h = red.add(local)
-        red.run()
-        return float(red.get(h)), units_pg
+    def _grouped_sq_norms(self, p: torch.Tensor, g: torch.Tensor | None, sq: torch.Tensor | None = None):
+        """[(process group, squared norm)] of ``p``'s local gradient ``g`` (or its given ``sq``),
+        one entry per group its pieces are reduced over: None for a whole local parameter; for a
+        bound flat partition, one per distinct group of its fragments (data-parallel shards of
+        replicated parameters, tensor-parallel slices). Length-0 fragments count too, so every
+        rank lists the same groups in the same order."""
+        frags = self._fragments.get(p)
+        if frags is None:
+            pg = local_layout(p)[1].group if self._is_sharded(p) else None
+            return [(pg, self._sq_norm(g) if sq is None else sq)]
+        flat = g.reshape(-1)
+        by_pg: dict[int, list] = {}
+        for _name, off, layout in frags:
+            part = self._sq_norm(flat.narrow(0, off, layout.length))
+            entry = by_pg.setdefault(id(layout.group), [layout.group, torch.zeros((), dtype=torch.float32)])
+            entry[1] = entry[1] + part.float().cpu()
+        return [tuple(e) for e in by_pg.values()]
 
-    def _global_sq_total(self, norms) -> float:
-        plain = [sq for p, sq in norms if not self._is_sharded(p)]
+    @staticmethod
+    def _global_sq_total(norms) -> float:
+        """The squared global norm from [(group, squared norm)]: local parts (group None) as they
+        are, the others summed over their group (one all-reduce per distinct group)."""
+        plain = [sq for pg, sq in norms if pg is None]
         total = float(torch.stack(plain).sum()) if plain else 0.0
-        return total + self._sharded_sq_total([(p, sq) for p, sq in norms if self._is_sharded(p)])[0]
+        by_pg: dict[int, list] = {}
+        for pg, sq in norms:
+            if pg is None:
+                continue
+            entry = by_pg.setdefault(id(pg), [pg, torch.zeros((), dtype=torch.float32)])
+            entry[1] = entry[1] + sq.float().cpu()
+        for pg, local in by_pg.values():
+            red = Reducer(pg)
+            h = red.add(local)
+            red.run()
+            total += float(red.get(h))
+        return total
 
-    def _global_clip_coef(self, norms: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
-        """Clip coefficient from (param, squared norm of its local gradient) pairs; shards reduced."""
+    def _global_clip_coef(self, norms) -> float | None:
+        """Clip coefficient from [(group, squared norm of a local gradient)]; shards reduced."""
         if self.clip_grad_norm is None or not norms:
             return None
         total = self._global_sq_total(norms)
@@ -205,7 +219,8 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             sq = torch._foreach_norm([p.grad for p, _ in with_grad], 2, dtype=torch.float32)
             coef = self._device_clip_coef(torch.stack(sq).square().sum())
         elif self.clip_grad_norm:
-            coef = self._global_clip_coef([(p, self._sq_norm(self._local_grad(p.grad))) for p, _ in with_grad])
+            coef = self._global_clip_coef(
+                [e for p, _ in with_grad for e in self._grouped_sq_norms(p, self._local_grad(p.grad))])
         return lambda g, group: self.prepare_grad(g, group, coef, None)
 
     # -- fused mode ---------------------------------------------------------------------------
@@ -252,7 +267,7 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             self._run_backward(scaled_loss, params, collect, retain_graph=recompute_loss is None)
             sq_norms = [sq[p] for p, _ in params if p in sq]
             if any(self._is_sharded(p) for p, _ in params):
-                pairs = [(p, sq[p]) for p, _ in params if p in sq]
+                pairs = [e for p, _ in params if p in sq for e in self._grouped_sq_norms(p, None, sq[p])]
                 total = torch.tensor(self._global_sq_total(pairs))
                 if scaled and not bool(torch.isfinite(total)):
                     self.loss_scaler.update(overflow=True)

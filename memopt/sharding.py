@@ -57,28 +57,38 @@ class Piece:
 class Layout:
     """The part of a full logical tensor held locally: flat range + kind + process group."""
 
-    def __init__(self, full_shape, start: int = 0, length: int | None = None, kind: str = "whole", group=None):
+    def __init__(self, full_shape, start: int = 0, length: int | None = None, kind: str = "whole", group=None,
+                 cols: tuple[int, int] | None = None):
         if kind not in KINDS:
             raise ValueError(f"layout kind must be one of {KINDS}, got {kind!r}")
         self.full_shape = torch.Size(full_shape)
         self.numel = self.full_shape.numel()
+        self.factored = len(self.full_shape) >= 2
+        # ``cols``: a column window [lo, hi) of every matrix (a row-parallel TP slice); the range
+        # [start, start+length) then runs over the row-major flattening of that window.
+        n_full = self.full_shape[-1] if self.factored else 0
+        self.col_lo, self.col_hi = (0, n_full) if cols is None else (int(cols[0]), int(cols[1]))
+        if cols is not None and (not self.factored or not 0 <= self.col_lo <= self.col_hi <= n_full):
+            raise ValueError(f"column window {cols} does not fit a tensor of shape {tuple(self.full_shape)}")
+        self.col_split = self.factored and (self.col_lo, self.col_hi) != (0, n_full)
+        window_numel = self.numel // max(n_full, 1) * (self.col_hi - self.col_lo) if self.col_split else self.numel
         self.start = int(start)
-        self.length = self.numel - self.start if length is None else int(length)
-        if self.start < 0 or self.length < 0 or self.start + self.length > self.numel:
-            raise ValueError(f"range [{start}, {start}+{length}) outside a tensor of {self.numel} elements")
+        self.length = window_numel - self.start if length is None else int(length)
+        if self.start < 0 or self.length < 0 or self.start + self.length > window_numel:
+            raise ValueError(f"range [{start}, {start}+{length}) outside a tensor of {window_numel} elements")
         self.kind = kind
         self.group = group
-        self.factored = len(self.full_shape) >= 2
         if self.factored:
             self.m, self.n = self.full_shape[-2], self.full_shape[-1]
             self.B = self.numel // max(self.m * self.n, 1)
             self.rows_total = self.B * self.m
-            if kind == "row":
-                if self.start % max(self.n, 1) or self.length % max(self.n, 1):
-                    raise ValueError("a row layout must hold whole rows")
-                self.row_lo = self.start // max(self.n, 1)
-                self.row_hi = (self.start + self.length) // max(self.n, 1)
-            else:
+            width = max(self.col_hi - self.col_lo, 1)
+            if kind == "row" and (self.start % width or self.length % width):
+                raise ValueError("a row layout must hold whole rows")
+            if kind == "row" and not self.col_split:
+                self.row_lo = self.start // width
+                self.row_hi = (self.start + self.length) // width
+            else:  # rows split over columns are partial: their factors are kept for all rows
                 self.row_lo, self.row_hi = 0, self.rows_total
         self._pieces = None
         self._row_mat = None
@@ -102,17 +112,17 @@ class Layout:
     # -- properties --------------------------------------------------------------------------
     @property
     def sharded(self) -> bool:
-        return self.kind != "whole"
+        return self.kind != "whole" or self.col_split
 
     @property
     def rows_complete(self) -> bool:
         """Every local row is a full row (row sums need no reduction)."""
-        return self.kind != "flat"
+        return self.kind != "flat" and not self.col_split
 
     @property
     def row_sharded(self) -> bool:
         """Row-indexed factors are stored for the local rows only."""
-        return self.kind == "row"
+        return self.kind == "row" and not self.col_split
 
     @property
     def holds_factors(self) -> bool:
@@ -125,24 +135,25 @@ class Layout:
         return self.row_hi - self.row_lo
 
     def __repr__(self):
-        return f"Layout({self.kind}, shape={tuple(self.full_shape)}, start={self.start}, length={self.length})"
+        cols = f", cols=[{self.col_lo}, {self.col_hi})" if self.col_split else ""
+        return f"Layout({self.kind}, shape={tuple(self.full_shape)}, start={self.start}, length={self.length}{cols})"
 
     # -- pieces ------------------------------------------------------------------------------
     def pieces(self) -> list[Piece]:
         if self._pieces is None:
             out = []
-            n, m = self.n, self.m
+            n, m, c0 = self.col_hi - self.col_lo, self.m, self.col_lo  # n: the window's width
             f, end = self.start, self.start + self.length
             while f < end:
                 row, j = divmod(f, n)
                 if j or end - f < n:
                     cols = min(n - j, end - f)
-                    out.append(Piece(f - self.start, row, 1, j, cols, row // m))
+                    out.append(Piece(f - self.start, row, 1, c0 + j, cols, row // m))
                     f += cols
                 else:
                     mat = row // m
                     rows = min((end - f) // n, (mat + 1) * m - row)
-                    out.append(Piece(f - self.start, row, rows, 0, n, mat))
+                    out.append(Piece(f - self.start, row, rows, c0, n, mat))
                     f += rows * n
             self._pieces = out
         return self._pieces
@@ -195,7 +206,11 @@ class Layout:
     def gather_full(self, local: torch.Tensor) -> torch.Tensor:
         """The full logical tensor from every rank's local element-wise piece (a collective)."""
         full = torch.zeros(self.numel, dtype=local.dtype, device=local.device)
-        if self.length:
+        if self.col_split:
+            grid = full.view(self.rows_total, self.n)
+            for pc, blk in self.blocks(local):
+                grid[pc.row: pc.row + pc.rows, pc.col: pc.col + pc.cols] = blk
+        elif self.length:
             full[self.start: self.start + self.length] = local.reshape(-1)
         if self.sharded and _world(self.group) > 1:
             dist.all_reduce(full, group=self.group)
@@ -203,6 +218,10 @@ class Layout:
 
     def local_of(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's elements of a full logical tensor (flat)."""
+        if self.col_split:
+            grid = full.reshape(self.rows_total, self.n)
+            parts = [grid[pc.row: pc.row + pc.rows, pc.col: pc.col + pc.cols].reshape(-1) for pc in self.pieces()]
+            return torch.cat(parts) if parts else full.new_zeros(0)
         return full.reshape(-1)[self.start: self.start + self.length].clone()
 
     def gather_rows(self, window: torch.Tensor, extra=()) -> torch.Tensor:
@@ -402,3 +421,43 @@ def tensor_parallel_split(param) -> TensorParallelSplit | None:
     """The split ``mark_tensor_parallel`` declared for ``param``, or None (``world == 1`` too)."""
     split = getattr(param, TP_ATTR, None)
     return split if split is not None and split.world > 1 else None
+
+
+def tensor_parallel_layout(local: Layout, split: TensorParallelSplit) -> Layout:
+    """The layout, in the full logical tensor, of a tensor-parallel slice whose own layout (over
+    the slice's shape, sharded over the data-parallel group or whole) is ``local``.
+
+    Rows split (dim 0): the slice is a contiguous run of whole rows of the full tensor, so it is a
+    ``row`` layout (or the ``flat``/``row`` range inside it, shifted). Columns split (dim 1): a
+    column window; its rows are partial, so row statistics are reduced over the group too.
+    The group is the TP group, or TP x DP when the data-parallel engine shards the slice further.
+    """
+    shape = list(local.full_shape)
+    shape[split.dim] *= split.world
+    if local.sharded:
+        if split.tp_dp_group is None:
+            raise ValueError("memopt: a tensor-parallel parameter sharded over data parallelism needs "
+                             "mark_tensor_parallel(..., tp_dp_group=<the TP x DP group>)")
+        group = split.tp_dp_group
+    else:
+        group = split.group
+    if split.dim == 0:
+        kind = local.kind if local.kind != "whole" else ("row" if len(shape) >= 2 else "flat")
+        return Layout(shape, split.rank * local.numel + local.start, local.length, kind, group)
+    width = local.full_shape[-1]
+    return Layout(shape, local.start, local.length, local.kind, group,
+                  cols=(split.rank * width, (split.rank + 1) * width))
+
+
+def local_layout(p) -> tuple[torch.Tensor, Layout]:
+    """(local tensor, layout in the full logical tensor) of a parameter the optimizer steps: a
+    plain tensor, a DTensor (FSDP2), either possibly a tensor-parallel slice."""
+    local, layout = dtensor_layout(p) if is_dtensor(p) else (p, Layout.whole(p.shape))
+    return local, with_tensor_parallel(layout, p)
+
+
+def with_tensor_parallel(layout: Layout, p) -> Layout:
+    """``layout`` (of ``p``'s local slice) placed in the full tensor if ``p`` is marked
+    tensor-parallel; unchanged otherwise."""
+    split = tensor_parallel_split(p)
+    return layout if split is None else tensor_parallel_layout(layout, split)

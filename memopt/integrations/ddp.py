@@ -31,7 +31,10 @@ def register_fused_backward(ddp_model, optimizer: FusedBackwardOptimizer, proces
             "clip_grad_norm needs every gradient before the first update: under DDP use "
             "loss.backward() + optimizer.step() (or FSDP2's fused_backward)"
         )
-    group = process_group if process_group is not None else dist.group.WORLD
+    # The gradients are averaged over DDP's own group (the data-parallel one under tensor
+    # parallelism), unless told otherwise.
+    group = process_group if process_group is not None else getattr(ddp_model, "process_group", None)
+    group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
 
     def hook(state, bucket):

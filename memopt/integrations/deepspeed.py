@@ -21,6 +21,15 @@ Where the fragments come from:
 DeepSpeed calls the client's ``step()`` during initialization with all-zero gradients (to create
 Adam-like states); ``initialize`` suspends the memopt optimizer meanwhile, so its step counters,
 factors and weights are those of an untouched optimizer.
+
+ZeRO-Offload (``zero_optimization.offload_optimizer.device`` "cpu" or "nvme"): the fp32
+partitions and the optimizer step live on the host. DeepSpeed refuses a client optimizer there
+unless ``zero_force_ds_cpu_optimizer`` is false, a guard against torch optimizers stepping slowly
+on the CPU; ``initialize`` sets it to false (unless the config says otherwise), because memopt's
+CPU step is its fused C++ kernel (``memopt.kernels``; measured against DeepSpeedCPUAdam in
+docs/benchmarks/optimizers_fused.md). With one data-parallel rank every partition holds whole
+parameters and each is stepped by the kernel; with several, a parameter split between ranks takes
+the phased sharded step (its partial sums all-reduced), exact either way.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import torch
 
 from ..base import MemoptOptimizer
 from ..registry import create_optimizer
-from ..sharding import Layout
+from ..sharding import Layout, with_tensor_parallel
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -41,7 +50,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     ``optimizer``: a memopt optimizer instance, or a name for ``memopt.create_optimizer`` with
     ``optimizer_params`` as its hyperparameters (built over ``model_parameters`` or the model's
     trainable parameters). Every other argument goes to ``deepspeed.initialize`` unchanged;
-    ``zero_allow_untested_optimizer`` is switched on in the config.
+    ``zero_allow_untested_optimizer`` is switched on in the config, and under ZeRO-Offload
+    ``zero_force_ds_cpu_optimizer`` off (see the module docstring).
     """
     import deepspeed
 
@@ -51,6 +61,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             cfg = json.load(f)
     cfg = dict(cfg or {})
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    if offloads_optimizer(cfg):
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # memopt steps on the host with its kernels
     if isinstance(optimizer, str):
         params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
         optimizer = create_optimizer(optimizer, params, **(optimizer_params or {}))
@@ -70,6 +82,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine = out[0]
     bind_engine(engine, optimizer)
     return out
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    """True when the DeepSpeed config puts the optimizer step on the host (ZeRO-Offload)."""
+    offload = (cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
 
 
 def _names(engine) -> dict[int, str]:
@@ -93,7 +111,8 @@ def bind_engine(engine, optimizer: MemoptOptimizer) -> int:
                 part = p.ds_tensor.ds_numel
                 start = min(rank * part, p.ds_numel)
                 length = max(0, min(part, p.ds_numel - start))
-                frags.append((names.get(id(p), f"param{id(p)}"), off, Layout.flat(p.ds_shape, start, length, pg)))
+                layout = with_tensor_parallel(Layout.flat(p.ds_shape, start, length, pg), p)
+                frags.append((names.get(id(p), f"param{id(p)}"), off, layout))
                 off += part
             gid = zopt.sub_group_to_group_id[sg] if hasattr(zopt, "sub_group_to_group_id") else 0
             optimizer.bind_fragments(flat, frags, optimizer.param_groups[gid])
@@ -112,10 +131,11 @@ def bind_engine(engine, optimizer: MemoptOptimizer) -> int:
             name = names.get(id(lp), f"param{id(lp)}")
             hm = getattr(lp, "_hp_mapping", None)
             if hm is None:
-                frags.append((name, 0, Layout.flat(lp.shape, 0, 0, pg)))
+                frags.append((name, 0, with_tensor_parallel(Layout.flat(lp.shape, 0, 0, pg), lp)))
             else:
                 lpa, hpa = hm.lp_fragment_address, hm.hp_fragment_address
-                frags.append((name, hpa.start, Layout.flat(lp.shape, lpa.start, lpa.numel, pg)))
+                layout = with_tensor_parallel(Layout.flat(lp.shape, lpa.start, lpa.numel, pg), lp)
+                frags.append((name, hpa.start, layout))
         optimizer.bind_fragments(flats[i], frags, optimizer.param_groups[i])
         bound += 1
     return bound
