@@ -243,6 +243,26 @@ class FactoredSecondMoment(MemoptOptimizer):
         return True
 
 
+RELATIVE_STEP_NO_SCHEDULER = (
+    "Adafactor: relative_step=True computes its own step size, there is no lr for an LR scheduler to "
+    "scale; pass relative_step=False, lr=... to schedule it (transformers' AdafactorSchedule only reports "
+    "the relative step and works as is)"
+)
+
+
+class _SchedulerCheckedGroup(dict):
+    """A param group that refuses a torch LR scheduler's base lr of None (a relative step).
+
+    torch's LRScheduler takes each group's base lr with ``group.setdefault("initial_lr", lr)``,
+    on the group dicts themselves, whatever object wraps the optimizer. (``load_state_dict``
+    is given these too; ``Adafactor.__setattr__`` covers a scheduler attached to the optimizer itself.)"""
+
+    def setdefault(self, key, default=None):
+        if key == "initial_lr" and default is None and key not in self and self.get("relative_step"):
+            raise ValueError(RELATIVE_STEP_NO_SCHEDULER)
+        return super().setdefault(key, default)
+
+
 class Adafactor(FactoredSecondMoment):
     """Adafactor with transformers' options and defaults.
 
@@ -306,15 +326,19 @@ class Adafactor(FactoredSecondMoment):
         if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
             for group in self.param_groups:
                 if group["relative_step"] and group.get("initial_lr") is None:
-                    raise ValueError(
-                        "Adafactor: relative_step=True computes its own step size, there is no lr for an LR "
-                        "scheduler to scale; pass relative_step=False, lr=... to schedule it "
-                        "(transformers' AdafactorSchedule only reports the relative step and works as is)"
-                    )
+                    raise ValueError(RELATIVE_STEP_NO_SCHEDULER)
         super().__setattr__(name, value)
 
+    def add_param_group(self, param_group: dict) -> None:
+        # A scheduler built on a wrapper of this optimizer (accelerate's AcceleratedOptimizer, as
+        # transformers 5's Trainer does) patches the wrapper's step: the group sees it instead.
+        super().add_param_group(_SchedulerCheckedGroup(param_group))
+
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        # torch's loader makes the groups from (deep copies of) the saved ones; accelerate reloads
+        # the state when it wraps the optimizer, before any scheduler is attached.
+        groups = [_SchedulerCheckedGroup(g) for g in state_dict["param_groups"]]
+        super().load_state_dict(dict(state_dict, param_groups=groups))
         self._scales.clear()
 
     def _note_scale(self, state, scale):

@@ -242,12 +242,18 @@ class HFTokenizer:
         vocab_file, merge_file = self._files
         try:
             if vocab_file is not None:
+                import transformers
                 from transformers import GPT2TokenizerFast
 
+                # transformers 5 names the two files vocab= and merges= (4.x: vocab_file=,
+                # merges_file=; 5.x ignores those and builds an empty tokenizer).
+                if int(transformers.__version__.split(".")[0]) >= 5:
+                    files = dict(vocab=vocab_file, merges=merge_file)
+                else:
+                    files = dict(vocab_file=vocab_file, merges_file=merge_file)
                 # split_special_tokens: a literal "<|endoftext|>" in a document stays text, as
                 # with the sentencepiece models here.
-                self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file,
-                                              split_special_tokens=True)
+                self._tok = GPT2TokenizerFast(**files, split_special_tokens=True)
                 data = [_read(vocab_file), _read(merge_file)]
             else:
                 from transformers import AutoTokenizer

@@ -58,17 +58,19 @@ def preprocessed(corpus):
 
 def test_preprocess_with_megatron_flags_writes_what_megatron_core_reads(corpus, preprocessed):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import GPT2TokenizerFast
+    from tokenizers import ByteLevelBPETokenizer
 
     out, proc = preprocessed
     assert "Processed 50 documents" in proc.stderr and "Processed 100 documents" in proc.stderr
-    ref = GPT2TokenizerFast(vocab_file=str(corpus / "bpe/vocab.json"), merges_file=str(corpus / "bpe/merges.txt"))
+    # The tokenizers library itself (GPT-2's byte-level BPE), whatever transformers' version calls its arguments.
+    ref = ByteLevelBPETokenizer(str(corpus / "bpe/vocab.json"), str(corpus / "bpe/merges.txt"))
+    eos = ref.token_to_id("<|endoftext|>")
     rows = [json.loads(line) for line in (corpus / "corpus.jsonl").read_text().splitlines()]
     for key in ("text", "title"):
         ds = IndexedDataset(f"{out}_{key}_document")
         assert len(ds) == len(rows) == 120
         for i in (0, 1, 57, 119):  # input order, whatever --partitions
-            assert ds[i].tolist() == ref.encode(rows[i][key]) + [ref.eos_token_id], (key, i)
+            assert ds[i].tolist() == ref.encode(rows[i][key]).ids + [eos], (key, i)
 
 
 def test_preprocess_refuses_half_a_gpt2_tokenizer(corpus, tmp_path, capsys):
