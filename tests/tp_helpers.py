@@ -225,3 +225,34 @@ def deepspeed_worker(rank, world, tp, stages, cases, steps=dh.STEPS, tag="zero")
             out[(f"{tag}{stage}", case)] = model.full_params(full)
             engine.destroy() if hasattr(engine, "destroy") else None
     return out
+
+
+def resume_worker(rank, world, tp, cases, saved=None, split=3, steps=dh.STEPS):
+    """Resume across TP sizes through memopt's name-keyed full state (TP slices as plain tensors,
+    DP = world / tp replicated). ``saved`` None: run steps [0, split) and return {case: (full
+    params, full optimizer state)}; else start from ``saved[case]`` and run [split, steps),
+    returning {case: full params}."""
+    import memopt
+    from memopt.checkpoint import full_state_dict, load_full_state_dict
+
+    _, tp_rank, dp_rank, tp_group, _, tp_dp = mesh_groups(world, tp)
+    if world != tp:
+        raise ValueError("resume_worker runs DP = 1")
+    out = {}
+    for case in cases:
+        name, hp, fused = dh.CASES[case]
+        model = TPBagModel(tp_rank, tp, tp_group)
+        model.mark(model.ps, tp_dp)
+        opt = memopt.create_optimizer(name, model.parameters(), **hp)
+        todo = range(split) if saved is None else range(split, steps)
+        if saved is not None:
+            params, state = saved[case]
+            with torch.no_grad():
+                for p, full, d in zip(model.ps, params, model.splits):
+                    p.copy_(model.slice(full, d))
+            load_full_state_dict(opt, state, model)
+        for step in todo:
+            _step(model, opt, model(dp_batch(step, 0, 1)), fused)
+        params = model.full_params(model.ps)
+        out[case] = (params, full_state_dict(opt, model)) if saved is None else params
+    return out
