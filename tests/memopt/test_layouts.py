@@ -140,3 +140,75 @@ def test_sharded_path_skips_nonfinite_gradients_on_the_reduced_statistic(name, h
     for v in st["w"].values():
         if torch.is_tensor(v):
             assert torch.isfinite(v).all()
+
+
+# -- tensor-parallel slices (memopt.sharding.tensor_parallel_layout) --------------------------
+def _tp_layouts(shape, dim, tp, dp, inner):
+    """Every (tp rank, dp rank) layout of a (m, n) tensor split over TP along ``dim`` and each
+    slice sharded over DP as ``inner`` says ("whole", "row" or "flat")."""
+    from memopt.sharding import TensorParallelSplit, tensor_parallel_layout
+
+    local_shape = list(shape)
+    local_shape[dim] //= tp
+    numel = local_shape[0] * local_shape[1] if len(shape) == 2 else local_shape[0]
+    out = []
+    for t in range(tp):
+        split = TensorParallelSplit(dim, t, tp, group=None, tp_dp_group=None if inner == "whole" else "tp_dp")
+        if inner == "whole":
+            locals_ = [Layout.whole(local_shape)]
+        elif inner == "row":
+            d0 = local_shape[0]
+            chunk = -(-d0 // dp)
+            locals_ = [Layout.row_shard(local_shape, min(r * chunk, d0), min((r + 1) * chunk, d0), "dp") for r in range(dp)]
+        else:
+            cuts = [numel * (r + 1) // dp - (r % 2) for r in range(dp - 1)]  # mid-row cuts
+            locals_ = [Layout.flat(local_shape, a, l, "dp") for a, l in _split(numel, cuts)]
+        out += [tensor_parallel_layout(L, split) for L in locals_]
+    return out
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("inner", ["whole", "row", "flat"])
+def test_tensor_parallel_pieces_cover_the_full_matrix_once(dim, inner):
+    shape = (6, 8)
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    layouts = _tp_layouts(shape, dim, tp=2, dp=3, inner=inner)
+    rows, cols = torch.zeros(6), torch.zeros(1, 8)
+    rebuilt = torch.zeros(shape)
+    for L in layouts:
+        assert L.full_shape == torch.Size(shape) and L.sharded
+        assert L.group == ("tp_dp" if inner != "whole" else None)
+        local = L.local_of(full)
+        assert local.numel() == L.length
+        rows[L.row_lo:L.row_hi] += L.row_sums(local)
+        cols += L.col_sums(local)
+        rebuilt += L.gather_full(local)  # no process group: this rank's elements in place, zeros elsewhere
+        # A column-split slice has partial rows: its row statistics need the reduction.
+        assert L.rows_complete == (dim == 0 and inner != "flat")
+    torch.testing.assert_close(rows, full.sum(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cols, full.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)
+    assert torch.equal(rebuilt, full)
+
+
+def test_column_window_local_elements_are_the_slice():
+    from memopt.sharding import TensorParallelSplit, tensor_parallel_layout
+
+    full = torch.arange(24.0).view(4, 6)
+    L = tensor_parallel_layout(Layout.whole((4, 3)), TensorParallelSplit(1, 1, 2, group=None))
+    assert torch.equal(L.local_of(full).view(4, 3), full[:, 3:])
+    assert [(pc.row, pc.rows, pc.col, pc.cols) for pc in L.pieces()] == [(0, 4, 3, 3)]
+
+
+def test_mark_tensor_parallel_rejects_what_it_cannot_place():
+    import memopt
+
+    with pytest.raises(ValueError, match="split dim 2"):
+        memopt.mark_tensor_parallel(torch.nn.Parameter(torch.zeros(2, 2)), 2, 0, 2, None)
+    with pytest.raises(ValueError, match="3-D"):
+        memopt.mark_tensor_parallel(torch.nn.Parameter(torch.zeros(2, 2, 2)), 0, 0, 2, None)
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        memopt.mark_tensor_parallel(torch.nn.Parameter(torch.zeros(2, 2)), 0, 2, 2, None)
+    from memopt.sharding import TensorParallelSplit, tensor_parallel_layout
+
+    with pytest.raises(ValueError, match="tp_dp_group"):
+        tensor_parallel_layout(Layout.flat((2, 2), 0, 2, "dp"), TensorParallelSplit(0, 0, 2, group="tp"))
