@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# memopt's Triton kernels run on CPU tensors under Triton's interpreter where there is no GPU
+# (tests/memopt/test_triton_kernels.py). Triton reads TRITON_INTERPRET when it is first imported
+# (its own library is decorated then), so it is decided here, before any test imports it.
+if "TRITON_INTERPRET" not in os.environ:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def bundled_small(tmp_path_factory):
