@@ -10,7 +10,11 @@ Engine specific:
     FSDP2               dcp/ (torch.distributed.checkpoint), scheduler.pt, optimizer_full.pt for
                         memopt optimizers (their state by parameter name)
     DeepSpeed           deepspeed/ (DeepSpeed's own tag directory), latest, deepspeed_world.json,
-                        memopt_full.pt for memopt optimizers under ZeRO >= 1 (resumes anywhere)
+                        memopt_full.pt for memopt optimizers under ZeRO >= 1 (resumes anywhere),
+                        model_full.pt under tensor parallelism (full TP=1 weights by name: what
+                        export reads, as DeepSpeed writes one model file per TP rank)
+Under tensor parallelism the torch and DCP formats hold full (TP=1) tensors by name, gathered
+from the TP slices on save: the files are those a TP=1 run writes (pretrain/models/tp_state.py).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ OPTIMIZER_FULL_FILE = "optimizer_full.pt"
 DEEPSPEED_TAG = "deepspeed"
 DEEPSPEED_WORLD_FILE = "deepspeed_world.json"
 DEEPSPEED_FULL_FILE = "memopt_full.pt"
+DEEPSPEED_MODEL_FULL_FILE = "model_full.pt"
 
 _NAME = re.compile(r"^step_(\d{8})$")
 

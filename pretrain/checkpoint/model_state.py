@@ -6,6 +6,7 @@ No process group and no knowledge of the world size that wrote the checkpoint is
 - single process / DDP: ``step_N/model.pt`` (``torch.load(weights_only=True)``)
 - FSDP2: ``step_N/dcp`` (torch DCP), read with ``no_dist=True``; the ``.metadata`` file is a
   pickle, read here with an unpickler that only admits DCP's own metadata classes.
+- DeepSpeed under tensor parallelism: ``step_N/model_full.pt`` (full TP=1 weights by name)
 - DeepSpeed stage 0: ``step_N/deepspeed/mp_rank_00_model_states.pt`` (``module``)
 - DeepSpeed ZeRO 1-3: the fp32 master partitions in ``*_optim_states.pt``, merged by DeepSpeed's
   ``zero_to_fp32``; DeepSpeed calls ``torch.load(weights_only=False)`` there, so it runs inside
@@ -87,6 +88,8 @@ def _load_dcp(path: Path) -> Dict[str, torch.Tensor]:
 # -- DeepSpeed ----------------------------------------------------------------------------------
 
 def _load_deepspeed(ckpt: Path) -> Dict[str, torch.Tensor]:
+    if (ckpt / layout.DEEPSPEED_MODEL_FULL_FILE).is_file():  # written under tensor parallelism
+        return safe_torch_load(ckpt / layout.DEEPSPEED_MODEL_FULL_FILE)
     ds_dir = ckpt / layout.DEEPSPEED_TAG
     files = sorted(p.name for p in ds_dir.glob("*model_states.pt"))
     if not files:

@@ -16,13 +16,15 @@ import torch
 import memopt
 from memopt.registry import FUSED_BACKWARD
 
-from pretrain.checkpoint.layout import DEEPSPEED_FULL_FILE, DEEPSPEED_TAG, DEEPSPEED_WORLD_FILE
+from pretrain.checkpoint.layout import DEEPSPEED_FULL_FILE, DEEPSPEED_MODEL_FULL_FILE, DEEPSPEED_TAG, DEEPSPEED_WORLD_FILE
 from pretrain.checkpoint.safe_load import safe_torch_load, weights_only_torch_load
 from pretrain.checkpoint.store import read_json
 from pretrain.errors import CheckpointError
 from pretrain.optim import build_scheduler, optimizer_kwargs
 
 from pretrain.dist import dist_rank, dist_world
+from pretrain.models.parallel import tensor_parallel_size
+from pretrain.models.tp_state import gather_full, mark_for_optimizer, slice_tensor, split_dims
 from .base import Engine, use_fused_backward
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
@@ -89,6 +91,15 @@ class DeepSpeedEngine(Engine):
         # no public per-parameter callback after ZeRO's reduce-scatter (docs/sharding.md).
         self.fused = use_fused_backward(cfg, False, self.name)
         ds_config = deepspeed_config(cfg)
+        self.tp_dims = split_dims(model)
+        mark_for_optimizer(list(model.named_parameters()), self.tp_dims)  # DeepSpeed keeps these parameters
+        # megatron's groups for DeepSpeed: DP for gradients and ZeRO partitions, TP for clipping
+        # and its per-TP-rank checkpoint files.
+        extra = {}
+        if tensor_parallel_size() > 1:
+            from .megatron_mpu import MegatronMPU
+
+            extra["mpu"] = MegatronMPU()
         optimizer = memopt.create_optimizer(cfg.optimizer.name, model.parameters(), **optimizer_kwargs(cfg))
 
         def scheduler(opt):
@@ -99,7 +110,7 @@ class DeepSpeedEngine(Engine):
         else:
             from memopt.integrations.deepspeed import initialize
         self.engine, self.optimizer, _, self.scheduler = initialize(
-            model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler
+            model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler, **extra
         )
         self.model = self.engine
 
@@ -130,40 +141,55 @@ class DeepSpeedEngine(Engine):
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if dist_rank() == 0:
-            (path / DEEPSPEED_WORLD_FILE).write_text(json.dumps({"world_size": dist_world()}))
+            (path / DEEPSPEED_WORLD_FILE).write_text(json.dumps({"world_size": dist_world(),
+                                                                 "tensor_parallel_size": tensor_parallel_size()}))
         client = self._memopt_client
+        params = self._full_params() if client is not None or tensor_parallel_size() > 1 else None
+        if tensor_parallel_size() > 1 and dist_rank() == 0:
+            # DeepSpeed writes one model file per TP rank (mp_rank_XX) that its zero_to_fp32 does
+            # not merge: export and evaluation read these full (TP=1) weights instead.
+            torch.save(params, path / DEEPSPEED_MODEL_FULL_FILE)
         if client is not None:
             # DeepSpeed saves the client's state per rank (world-size dependent). This copy, by
             # parameter name at full shapes, is what resumes at another world size.
-            from deepspeed.utils import safe_get_full_fp32_param
-
             from memopt.checkpoint import full_state_dict
 
-            params = {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self.engine.module.named_parameters()}
             full = full_state_dict(client, self.engine.module)  # collectives: every rank calls them
             if dist_rank() == 0:
                 torch.save({"params": params, "optimizer": full, "scheduler": self.scheduler.state_dict(),
                             "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples},
                            path / DEEPSPEED_FULL_FILE)
 
+    def _full_params(self) -> dict:
+        """Every parameter by name at its full (TP=1) shape, fp32 masters where ZeRO keeps them.
+        Collective (over DP for ZeRO's partitions, over TP for the slices)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {}
+        for name, p in self.engine.module.named_parameters():
+            master = safe_get_full_fp32_param(p) if self.engine.zero_optimization_stage() >= 1 else None
+            params[name] = (master if master is not None else p).detach().float().cpu()
+        return gather_full(params, self.tp_dims)
+
     def load(self, path: Path) -> None:
         world_file = path / DEEPSPEED_WORLD_FILE
-        saved = read_json(world_file).get("world_size") if world_file.is_file() else None
-        if saved is not None and saved != dist_world():
-            return self._load_resharded(path, saved)
+        layout = read_json(world_file) if world_file.is_file() else {}
+        saved, saved_tp = layout.get("world_size"), layout.get("tensor_parallel_size", 1)
+        if saved is not None and (saved, saved_tp) != (dist_world(), tensor_parallel_size()):
+            return self._load_resharded(path, saved, saved_tp)
         # DeepSpeed loads its files with weights_only=False: forced to weights_only here.
         with weights_only_torch_load():
             load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if load_path is None:
             raise CheckpointError(f"no DeepSpeed checkpoint under {path}/{DEEPSPEED_TAG}")
 
-    def _load_resharded(self, path: Path, saved_world: int) -> None:
-        """Resume a checkpoint written by ``saved_world`` ranks on this run's world size."""
+    def _load_resharded(self, path: Path, saved_world: int, saved_tp: int) -> None:
+        """Resume a checkpoint written by ``saved_world`` ranks at TP ``saved_tp`` on this run's layout."""
         full_file = path / DEEPSPEED_FULL_FILE
         if self._memopt_client is None or not full_file.is_file():
             raise CheckpointError(
-                f"{path} was written by {saved_world} DeepSpeed ranks and this run has {dist_world()}: DeepSpeed "
-                "checkpoints resume at the same world size only (memopt optimizers under ZeRO >= 1 also write "
+                f"{path} was written by {saved_world} DeepSpeed ranks at tensor_parallel_size={saved_tp} and this "
+                f"run has {dist_world()} at {tensor_parallel_size()}: DeepSpeed checkpoints resume on the same layout only (memopt optimizers under ZeRO >= 1 also write "
                 f"{DEEPSPEED_FULL_FILE}, which resumes anywhere; for torch optimizers convert with DeepSpeed's "
                 "ds_to_universal.py); restart with the original number of ranks"
             )
@@ -182,7 +208,7 @@ class DeepSpeedEngine(Engine):
                                f"(e.g. {missing[0]!r}): it was written for another model")
         stage3 = self.engine.zero_optimization_stage() == 3
         for name, p in self.engine.module.named_parameters():
-            value = full["params"][name]
+            value = slice_tensor(full["params"][name], self.tp_dims[name]) if name in self.tp_dims else full["params"][name]
             safe_set_full_fp32_param(p, value)  # the fp32 master fragment this rank holds
             # ... and the (bf16 or fp32) weight the forward uses, which DeepSpeed refreshes only at a step.
             if stage3:

@@ -18,6 +18,7 @@ from pretrain.models.parallel import data_parallel_group, data_parallel_size, te
 from pretrain.models.tp_state import (gather_full, gather_optimizer_state, mark_for_optimizer, optimizer_param_names,
                                       slice_local, slice_optimizer_state, split_dims)
 from .base import Engine, use_fused_backward
+from .fsdp2_tp import load_tp, save_tp
 from .grad_norm import clip_grad_norm_tensor_parallel
 
 
@@ -146,8 +147,8 @@ class FSDP2Engine(SingleEngine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        if isinstance(self.optimizer, memopt.MemoptOptimizer):
+        is_memopt = isinstance(self.optimizer, memopt.MemoptOptimizer)
+        if is_memopt:
             # memopt keeps row factors for local rows only (plain tensors DCP would take for
             # replicated): save its state by parameter name at full shapes instead.
             from memopt.checkpoint import full_state_dict
@@ -155,6 +156,10 @@ class FSDP2Engine(SingleEngine):
             full = full_state_dict(self.optimizer, self.model)  # a collective: every rank calls it
             if dist_rank() == 0:
                 torch.save(full, path / OPTIMIZER_FULL_FILE)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if tensor_parallel_size() > 1:  # full TP=1 tensors, as a TP=1 run writes them
+            save_tp(self.model, self.optimizer, self.tp_dims, path / DCP_DIR, with_optimizer=not is_memopt)
+        elif is_memopt:
             dcp.save({"model": model_sd}, checkpoint_id=str(path / DCP_DIR))
         else:
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / DCP_DIR))
@@ -167,18 +172,23 @@ class FSDP2Engine(SingleEngine):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         sched = safe_torch_load(path / SCHEDULER_FILE)
         reader = safe_dcp_reader(path / DCP_DIR)  # DCP's own reader unpickles .metadata unchecked
-        if isinstance(self.optimizer, memopt.MemoptOptimizer):
-            from memopt.checkpoint import load_full_state_dict
-
-            full = safe_torch_load(path / OPTIMIZER_FULL_FILE)
+        is_memopt = isinstance(self.optimizer, memopt.MemoptOptimizer)
+        full = safe_torch_load(path / OPTIMIZER_FULL_FILE) if is_memopt else None
+        if tensor_parallel_size() > 1:
+            load_tp(self.model, self.optimizer, self.tp_dims, reader, not is_memopt,
+                    lambda state, reader: _dcp_load(state, reader, path))
+        elif is_memopt:
             state = {"model": model_sd}
             _dcp_load(state, reader, path)
             set_model_state_dict(self.model, state["model"])
-            load_full_state_dict(self.optimizer, full, self.model)
         else:
             state = {"model": model_sd, "optimizer": optim_sd}
             _dcp_load(state, reader, path)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if is_memopt:
+            from memopt.checkpoint import load_full_state_dict
+
+            load_full_state_dict(self.optimizer, full, self.model)
         self.scheduler.load_state_dict(sched)
 
 
