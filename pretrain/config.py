@@ -119,7 +119,9 @@ class TrainSection(_Section):
     grad_accum_steps: int = Field(1, ge=1)
     seq_length: int | None = Field(None, ge=8)  # default: the model preset's
     clip_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: bf16 compute over fp32 masters (every engine); bf16_pure: bf16 weights, lomo/adalomo
+    # only (pretrain/train/precision.py says what each engine does).
+    precision: Literal["fp32", "bf16", "bf16_pure"] = "fp32"
     seed: int = 1234
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=0)  # 0 = never
@@ -258,6 +260,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None, kind: 
         raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r}, but this launcher trains {kind} models "
                           f"(use launch/pretrain_{cfg.model.kind}.py, or set model.kind={kind})")
     _check_files(cfg)
+    _check_precision(cfg)
     _check_model(cfg)
     return cfg
 
@@ -291,6 +294,31 @@ def _check_model(cfg: RunConfig) -> None:
         check_tensor_parallel(arch, cfg.parallel.tensor_parallel_size, check_vocab=False)
     except ValueError as e:
         raise ConfigError(f"config key 'parallel.tensor_parallel_size': {e}") from None
+
+
+PURE_BF16_OPTIMIZERS = ("lomo", "adalomo")
+
+
+def precision_problem(precision: str, optimizer: str, engine_kind: str, hparams: dict) -> str | None:
+    """Why this train.precision cannot run with this optimizer and engine (one line naming what
+    to change), or None. The trainer asks again with the engine that engine.kind=auto chose."""
+    if precision == "bf16_pure":
+        if optimizer not in PURE_BF16_OPTIMIZERS:
+            return (f"bf16_pure (bf16 weights, no fp32 masters) is for {'/'.join(PURE_BF16_OPTIMIZERS)}; with "
+                    f"optimizer.name={optimizer} use train.precision=bf16 (bf16 compute, fp32 masters)")
+        if engine_kind == "deepspeed":
+            return ("bf16_pure does not fit engine.kind=deepspeed, whose bf16 mode keeps fp32 masters anyway: "
+                    "use train.precision=bf16, or engine.kind=single/ddp/fsdp2")
+    elif hparams.get("stochastic_rounding"):
+        return (f"optimizer.hparams.stochastic_rounding rounds updates into bf16 weights, which {precision} does "
+                "not have: set train.precision=bf16_pure, or drop stochastic_rounding")
+    return None
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    problem = precision_problem(cfg.train.precision, cfg.optimizer.name, cfg.engine.kind, cfg.optimizer.hparams)
+    if problem:
+        raise ConfigError(f"config key 'train.precision': {problem}")
 
 
 def _check_files(cfg: RunConfig) -> None:

@@ -28,6 +28,11 @@ each line names the workaround that lives in this module and nowhere else:
    helpers on every device (training losses stay vocab-parallel and never gather).
 7. The jit-scripted fusions (bias+GeLU, bias+dropout+add) are GPU fast paths; on CPU they are
    slower than eager torch. -> ``fusion_flags`` turns them off unless CUDA is available.
+8. megatron's linear autograd functions (``LinearWithGradAccumulationAndAsyncCommunication``,
+   ``LinearWithFrozenWeight``) carry ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``, so
+   under CPU autocast (``train.precision=bf16``) their backward runs without the forward's
+   autocast state and multiplies a bf16 gradient by the fp32 weight (a dtype error).
+   -> ``autocast_linears_on_cpu``: megatron's own undecorated functions re-decorated for "cpu".
 
 Nothing here changes the model's function: each workaround computes what the stock GPU path
 computes (up to which random numbers dropout draws on CPU).
@@ -226,3 +231,21 @@ def bert_attention_mask_dims(core_attention: type) -> Optional[str]:
     fully masked query rows (padding queries), which would give NaN with SDPA.
     """
     return "b11s" if core_attention is SDPACoreAttention else None
+
+
+def autocast_linears_on_cpu() -> None:
+    """Item 8: megatron's linear functions keep the forward's autocast state for their backward
+    on CPU too (idempotent; nothing changes where CUDA is available)."""
+    if cuda_available():
+        return
+    for fn in (tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication,
+               tensor_parallel.layers.LinearWithFrozenWeight):
+        if getattr(fn, "_memopt_cpu_autocast", False):
+            continue
+        # custom_fwd/custom_bwd keep the undecorated function as __wrapped__ (functools.wraps).
+        fn.forward = staticmethod(torch.amp.custom_fwd(fn.forward.__wrapped__, device_type="cpu"))
+        fn.backward = staticmethod(torch.amp.custom_bwd(fn.backward.__wrapped__, device_type="cpu"))
+        fn._memopt_cpu_autocast = True
+
+
+autocast_linears_on_cpu()

@@ -96,12 +96,17 @@ class _TiedOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
+        grad_dtype = weight.dtype
+        if g.dtype != grad_dtype:  # autocast ran the forward matmul in g's dtype (bf16 over fp32 weights)
+            x, weight = x.to(g.dtype), weight.to(g.dtype)
         if ctx.needs_input_grad[1]:
             g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
             if ctx.holder.grad is None:
-                ctx.holder.grad = g2.t().matmul(x2)
-            else:  # the same forward's output used twice: still in place
+                ctx.holder.grad = g2.t().matmul(x2).to(grad_dtype)  # kept in the weight's dtype, as stock
+            elif g.dtype == grad_dtype:  # the same forward's output used twice: still in place
                 ctx.holder.grad.addmm_(g2.t(), x2)
+            else:
+                ctx.holder.grad.add_(g2.t().matmul(x2).to(grad_dtype))
         return g.matmul(weight) if ctx.needs_input_grad[0] else None, None, None
 
 

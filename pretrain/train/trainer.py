@@ -27,6 +27,7 @@ from pretrain.dist import all_ranks_mean, dist_rank, dist_world
 from pretrain.models.parallel import data_parallel_group, data_parallel_size
 from .engines import build_engine, select_engine_kind
 from .metrics import peak_memory_bytes
+from .precision import autocast_loss_fn, check_precision, prepare_model, uses_autocast
 from .resume import check_resumable, schedule_changes
 from .schedule import reapply_schedule
 
@@ -100,6 +101,7 @@ class Trainer:
         # TP ranks of one replica see the same batches: data is split over DP only.
         world = data_parallel_size()
         kind = select_engine_kind(cfg)
+        check_precision(cfg, kind)  # engine.kind=auto is resolved only now
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         model_cfg = model_config(cfg, tokenizer.vocab_size, kind=self.task.kind)
         _check_tensor_parallel(model_cfg, cfg.parallel.tensor_parallel_size)
@@ -116,10 +118,12 @@ class Trainer:
         saved_cfg = check_resumable(resume_from, cfg, kind) if resume_from is not None else None
         if cfg.model.init_from and resume_from is None:
             _init_weights(model, cfg.model.init_from, model_cfg)  # before the engine shards parameters
-        if cfg.train.precision == "bf16":
-            model = model.to(torch.bfloat16)
+        # bf16 weights only for bf16_pure; bf16 keeps fp32 masters (pretrain/train/precision.py).
+        model = prepare_model(model, cfg.train.precision)
         self._each("on_model_built", model)
         self.engine = build_engine(model, cfg, kind)
+        if uses_autocast(cfg.train.precision, kind):  # bf16 compute over fp32 weights, validation too
+            self.loss_fn = autocast_loss_fn(self.loss_fn, self.device.type)
 
         if resume_from is not None:
             saved = load_checkpoint(resume_from, self.engine)

@@ -17,6 +17,7 @@ from pretrain.dist import dist_rank
 from pretrain.models.parallel import data_parallel_group, data_parallel_size, tensor_parallel_size
 from pretrain.models.tp_state import (gather_full, gather_optimizer_state, mark_for_optimizer, optimizer_param_names,
                                       slice_local, slice_optimizer_state, split_dims)
+from pretrain.train.precision import fsdp_mixed_precision
 from .base import Engine, use_fused_backward
 from .fsdp2_tp import load_tp, save_tp
 from .grad_norm import clip_grad_norm_tensor_parallel
@@ -135,10 +136,12 @@ class FSDP2Engine(SingleEngine):
         # Shard over the data-parallel dimension of a (dp, tp) mesh whose rows are megatron's TP
         # groups (consecutive ranks); the TP slices themselves stay megatron's plain tensors.
         mesh = _dp_mesh()
+        # bf16: fp32 sharded masters gathered as bf16 for compute, gradients reduced in fp32.
+        precision = fsdp_mixed_precision(self.cfg.train.precision)
         # Shard each transformer layer, then the root (embeddings, final norm, head).
         for layer in _transformer_layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **precision)
+        fully_shard(model, mesh=mesh, **precision)
         # Fused backward works as is under FSDP2: the post-accumulate-grad hooks fire on the
         # sharded parameters after the reduce-scatter (memopt.sharding keeps the update exact).
         return model
