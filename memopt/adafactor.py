@@ -13,7 +13,9 @@ import math
 
 import torch
 
+from . import kernels
 from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .paths import resolve_fused
 from .factored import (
     add_factor_partials,
     apply_factored_update,
@@ -41,6 +43,7 @@ class FactoredSecondMoment(MemoptOptimizer):
     """Shared body of Adafactor and AdaLomo: factored second moment, RMS clip, relative step."""
 
     supports_sharding = True
+    has_fused_kernels = True
 
     # How weight decay is rounded: as transformers (w += -d*w) or as lomo_optim (w *= 1-d).
     multiplicative_decay = False
@@ -174,7 +177,25 @@ class FactoredSecondMoment(MemoptOptimizer):
         apply_update_(ws, torch.mul(mom, expand(-lr_t, u.dim()), out=u), decay, self.multiplicative_decay)
         return ok
 
+    def _fused_update(self, p, grad, state, group, step) -> bool:
+        """``_update`` by ``memopt.kernels.factored_step_`` (one call, two passes over memory)."""
+        eps1, eps2 = group["eps"]
+        ok, scale = kernels.factored_step_(
+            p, grad.contiguous(), sq_row=state.get("exp_avg_sq_row"), sq_col=state.get("exp_avg_sq_col"),
+            sq=state.get("exp_avg_sq"), exp_avg=state.get("exp_avg"), beta2=self._beta2(group, step), eps1=eps1,
+            eps2=eps2, step_size=self._step_size(group, step), clip_threshold=group["clip_threshold"],
+            weight_decay=group["weight_decay"], multiplicative_decay=self.multiplicative_decay,
+            scale_parameter=group["scale_parameter"], beta1=group.get("beta1"),
+        )
+        if not bool(ok):
+            return False
+        if group["scale_parameter"]:
+            self._note_scale(state, float(scale))
+        return True
+
     def _update(self, p, grad, state, group, step):
+        if p.is_contiguous() and resolve_fused(group, p.device):
+            return self._fused_update(p, grad, state, group, step)
         eps1, eps2 = group["eps"]
         beta = self._beta2(group, step)
         rho = self._step_size(group, step)
@@ -280,7 +301,8 @@ class Adafactor(FactoredSecondMoment):
         on_nonfinite: "skip" (default) or "raise" for gradients holding inf/nan.
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter, cache-blocked reference path).
-        fused: None or False; True (fused kernels) is not available yet and raises.
+        fused: None (default: the fused C++ kernel on CPU when it builds and foreach is None),
+            True (memopt.kernels: C++ on CPU, Triton on CUDA), False (torch ops).
     """
 
     def __init__(

@@ -32,7 +32,8 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         on_nonfinite: "skip" (default) or "raise".
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter, cache-blocked reference path).
-        fused: None or False; True (fused kernels) is not available yet and raises.
+        fused: None (default: the fused C++ kernel on CPU when it builds and foreach is None),
+            True (memopt.kernels: C++ on CPU, Triton on CUDA), False (torch ops).
         stochastic_rounding, rounding_seed: unbiased rounding of the update into bf16 weights,
             as in ``memopt.Lomo`` (memopt.stochastic_rounding).
     """

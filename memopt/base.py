@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch.optim import Optimizer
 
+from .paths import held_whole, resolve_fused
 from .sharding import Layout, LogicalParam, Unit, is_dtensor, local_layout, tensor_parallel_split
 from .stochastic_rounding import IndexTensors, write_back_, write_back_stack_
 
@@ -48,29 +49,24 @@ GradTransform = Callable[[torch.Tensor, dict], torch.Tensor]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
-FUSED_UNAVAILABLE = (
-    "fused=True (fused Triton/C++ kernels) is not available in memopt yet; use foreach=True "
-    "(the sync-free multi-tensor path) or leave fused=None"
-)
-
-
 def check_foreach_fused(foreach, fused) -> None:
-    """torch.optim's ``foreach`` / ``fused`` flags: None or a bool; fused kernels do not exist yet."""
+    """torch.optim's ``foreach`` / ``fused`` flags: None or a bool, and (as torch) not both True."""
     for name, value in (("foreach", foreach), ("fused", fused)):
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"{name} must be None, True or False, got {value!r}")
-    if fused:
-        raise NotImplementedError(FUSED_UNAVAILABLE)
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True cannot both be set; pick one (or leave both None)")
 
 
 def resolve_foreach(group: dict, device: torch.device) -> bool:
     """The path a parameter of ``group`` on ``device`` takes (torch's meaning of None: the
     fastest correct choice for the device). None -> the sync-free multi-tensor path on any
-    accelerator, where a host sync drains the stream; the blocked reference path on CPU, where
-    it measured faster (docs/benchmarks/optimizers_foreach.md) and there is no stream to drain."""
+    accelerator, where a host sync drains the stream; the per-parameter path on CPU, where
+    it measured faster (docs/benchmarks/optimizers_foreach.md) and there is no stream to drain.
+    ``fused=True`` always takes the per-parameter path (its kernels are per parameter)."""
     foreach = group.get("foreach")
     if foreach is None:
-        return device.type != "cpu"
+        return device.type != "cpu" and group.get("fused") is not True
     return foreach
 
 
@@ -105,6 +101,8 @@ class MemoptOptimizer(Optimizer):
 
     #: True when the subclass implements ``_init_sharded_state`` and ``_sharded_update``.
     supports_sharding = False
+    #: True when ``_update`` runs ``memopt.kernels`` under ``fused`` (False: fused=True refused).
+    has_fused_kernels = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], on_nonfinite: str = "skip",
                  foreach: bool | None = None, fused: bool | None = None):
@@ -113,6 +111,7 @@ class MemoptOptimizer(Optimizer):
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
             )
         check_foreach_fused(foreach, fused)
+        self._check_fused_supported(fused)
         defaults = dict(defaults, on_nonfinite=on_nonfinite, foreach=foreach, fused=fused)
         self._group_shapes: dict[int, list] = {}
         self._fragments: dict[torch.Tensor, list] = {}
@@ -165,8 +164,16 @@ class MemoptOptimizer(Optimizer):
         raise NotImplementedError
 
     # -- public API -----------------------------------------------------------------------
+    def _check_fused_supported(self, fused) -> None:
+        if fused and not self.has_fused_kernels:
+            raise NotImplementedError(
+                f"{type(self).__name__}: fused=True (memopt.kernels) is not available for this optimizer; "
+                "use foreach=True (the sync-free multi-tensor path) or leave fused=None"
+            )
+
     def add_param_group(self, param_group: dict) -> None:
         check_foreach_fused(param_group.get("foreach"), param_group.get("fused"))
+        self._check_fused_supported(param_group.get("fused"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._group_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
@@ -241,7 +248,9 @@ class MemoptOptimizer(Optimizer):
         if layout is not None and layout.sharded:
             self._init_sharded_state(layout, state, group, device)
         else:
-            self._init_state(local, state, group)
+            # A whole fragment of a flat partition arrives flat: its state follows the full shape.
+            shaped = local if layout is None or local.shape == layout.full_shape else local.view(layout.full_shape)
+            self._init_state(shaped, state, group)
         self._state_created(key, state)
 
     def _state_created(self, key, state: dict) -> None:
@@ -335,12 +344,17 @@ class MemoptOptimizer(Optimizer):
         return Unit(key=key, param=work, grad=g, layout=layout, state=state, group=group,
                     target=None if work is flat else flat)
 
+    def _fused_whole(self, u: Unit) -> bool:
+        """A unit held whole by a group of one whose update runs the fused kernels: the kernels
+        read the sharded state (flat vectors) as the local state, so it takes the local path."""
+        return held_whole(u.layout) and self.has_fused_kernels and resolve_fused(u.group, u.param.device)
+
     def _step_units(self, units: list[Unit]) -> None:
         """Run the sharded (phased) step of ``units``; whole-layout units take the plain path."""
         by_pg: dict[int, list[Unit]] = {}
         pgs = {}
         for u in units:
-            if not u.layout.sharded:
+            if not u.layout.sharded or self._fused_whole(u):
                 self._apply_local(u.param.view(u.layout.full_shape), u.grad.view(u.layout.full_shape),
                                   u.state, u.group, u.layout.full_shape, target=u.target, key=u.key)
                 continue

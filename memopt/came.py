@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .paths import resolve_fused
 from .factored import (
     add_factor_partials,
     apply_weight_decay,
@@ -40,7 +42,8 @@ class CAME(MemoptOptimizer):
         on_nonfinite: "skip" (default) or "raise".
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter, cache-blocked reference path).
-        fused: None or False; True (fused kernels) is not available yet and raises.
+        fused: None (default: the fused C++ kernel on CPU when it builds and foreach is None),
+            True (memopt.kernels: C++ on CPU, Triton on CUDA), False (torch ops).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class CAME(MemoptOptimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
 
     supports_sharding = True
+    has_fused_kernels = True
 
     def _init_sharded_state(self, layout, state, group, device=None):
         kw = dict(dtype=torch.float32, device=device)
@@ -164,6 +168,13 @@ class CAME(MemoptOptimizer):
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
+        if p.is_contiguous() and resolve_fused(group, p.device):
+            return bool(kernels.came_step_(
+                p, grad.contiguous(), exp_avg=state["exp_avg"], sq_row=state.get("exp_avg_sq_row"),
+                sq_col=state.get("exp_avg_sq_col"), res_row=state.get("exp_avg_res_row"),
+                res_col=state.get("exp_avg_res_col"), sq=state.get("exp_avg_sq"), lr=lr, beta1=beta1, beta2=beta2,
+                beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip, weight_decay=wd,
+            ))
         exp_avg = state["exp_avg"]
 
         if p.dim() < 2:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import all_finite, check_nonnegative, check_positive, is_finite
+from .paths import resolve_fused
 from .sharding import Reducer
 from .stochastic_rounding import check_rounding_options
 from .factored import row_slices
@@ -33,7 +35,8 @@ class Lomo(FusedBackwardOptimizer):
         on_nonfinite: "skip" (default) or "raise".
         foreach: None (default: True on accelerators, False on CPU), True (the sync-free
             multi-tensor path), False (the per-parameter reference path).
-        fused: None or False; True (fused kernels) is not available yet and raises.
+        fused: None (default: the fused C++ kernel on CPU when it builds and foreach is None),
+            True (memopt.kernels: C++ on CPU, Triton on CUDA), False (torch ops).
         stochastic_rounding: write updates into bf16 weights rounded stochastically (unbiased,
             so updates below bf16's resolution survive on average; memopt.stochastic_rounding)
             instead of to nearest. No effect on fp32 weights.
@@ -71,6 +74,7 @@ class Lomo(FusedBackwardOptimizer):
         pass  # stateless beyond the step counter the base class keeps
 
     supports_sharding = True
+    has_fused_kernels = True
 
     def _init_sharded_state(self, layout, state, group, device=None):
         pass
@@ -91,6 +95,9 @@ class Lomo(FusedBackwardOptimizer):
 
     def _update(self, p, grad, state, group, step):
         lr, wd = group["lr"], group["weight_decay"]
+        if p.is_contiguous() and resolve_fused(group, p.device):
+            # One pass to check G, one to update: exact skip, no roll-back (memopt.kernels).
+            return bool(kernels.lomo_step_(p, grad.contiguous(), lr=lr, weight_decay=wd))
         w, g = p.view(-1), grad.reshape(-1)
         if w.is_cuda:
             # On a GPU a host sync per block would stall the stream: check once, then update.

@@ -1,0 +1,407 @@
+// memopt's fused CPU kernels (memopt/kernels/__init__.py is the contract; memopt/kernels/cpu.py
+// builds and calls this file). One call is the whole update of one parameter, in as few passes
+// over memory as the algorithm allows:
+//   Adafactor/AdaLomo (>= 2-D): pass 1 reads G (and W for RMS(W)) for the row sums, column sums
+//     and t_j = sum_i G_ij^2 / r_i; pass 2 reads G, reads and writes W.  About 20 bytes/param.
+//   CAME (>= 2-D): pass 1 as above; pass 2 reads G, updates M and sums the instability;
+//     pass 3 reads M, updates W.  About 28 bytes/param.
+//   LOMO: a finiteness pass over G, then one update pass.  16 bytes/param.
+// Nothing is written before the gradient is known to be finite, so a skipped step leaves W and
+// the state bit for bit unchanged. Every per-element expression follows the order of the torch
+// reference path (memopt/factored.py, adafactor.py, came.py, lomo.py); sums over many elements
+// are accumulated in double (the reference sums in float), which keeps them within float
+// round-off of the reference. Loops are written for the auto-vectoriser (`omp simd`) and rows
+// are split across threads with at::parallel_for (torch's own OpenMP pool).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using idx = int64_t;
+
+// Rows per task: enough work per thread that the fork/join cost is noise.
+idx grain_rows(idx n) { return std::max<idx>(1, (idx)32768 / std::max<idx>(n, 1)); }
+
+// Python's max(1.0, x) / max(lo, x): x only when it is larger (a nan gives the bound).
+double py_max(double lo, double x) { return x > lo ? x : lo; }
+
+float* fptr(const torch::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+              "memopt cpu kernel: ", name, " must be a contiguous fp32 CPU tensor");
+}
+
+// The parameter and its gradient: fp32, contiguous, CPU, same shape. Returns the element count.
+idx check_pair(const torch::Tensor& w, const torch::Tensor& g) {
+  check_f32(w, "w");
+  check_f32(g, "g");
+  TORCH_CHECK(w.sizes() == g.sizes(), "memopt cpu kernel: w and g must have the same shape");
+  return w.numel();
+}
+
+// Pass 1 of one (m, n) matrix: the new row factor r_new, column sums of G^2 and t (double, summed
+// over threads), the total of the row sums (finiteness), and sum W^2 when w is given.
+struct Stats {
+  std::vector<float> r_new;
+  std::vector<double> col, t;
+  double row_total = 0.0, w_sq = 0.0;
+};
+
+void factored_pass1(const float* g, const float* w, const float* r_old, idx m, idx n, float beta,
+                    float ob_over_n, float eps1_n, Stats& s) {
+  const int nt = at::get_num_threads();
+  s.r_new.assign(m, 0.0f);
+  std::vector<double> col_acc((size_t)nt * n, 0.0), t_acc((size_t)nt * n, 0.0);
+  std::vector<double> row_tot(nt, 0.0), w_tot(nt, 0.0);
+  at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
+    const int tid = at::get_thread_num();
+    double* cl = col_acc.data() + (size_t)tid * n;
+    double* tl = t_acc.data() + (size_t)tid * n;
+    double rt = 0.0, wt = 0.0;
+    for (idx i = b; i < e; ++i) {
+      const float* gi = g + i * n;
+      float rs = 0.0f;
+#pragma omp simd reduction(+ : rs)
+      for (idx j = 0; j < n; ++j) rs += gi[j] * gi[j];
+      // factored_stats: (row_sq + eps1*n) * ((1-beta)/n) + beta * r_old
+      const float rn = (rs + eps1_n) * ob_over_n + beta * r_old[i];
+      s.r_new[i] = rn;
+      rt += rs;
+      const float inv = 1.0f / rn;
+#pragma omp simd
+      for (idx j = 0; j < n; ++j) {
+        const float x = gi[j] * gi[j];
+        cl[j] += x;
+        tl[j] += x * inv;
+      }
+      if (w) {
+        const float* wi = w + i * n;
+        double ws = 0.0;
+#pragma omp simd reduction(+ : ws)
+        for (idx j = 0; j < n; ++j) ws += (double)(wi[j] * wi[j]);
+        wt += ws;
+      }
+    }
+    row_tot[tid] += rt;
+    w_tot[tid] += wt;
+  });
+  s.col.assign(n, 0.0);
+  s.t.assign(n, 0.0);
+  for (int k = 0; k < nt; ++k) {
+    const double* cl = col_acc.data() + (size_t)k * n;
+    const double* tl = t_acc.data() + (size_t)k * n;
+    for (idx j = 0; j < n; ++j) {
+      s.col[j] += cl[j];
+      s.t[j] += tl[j];
+    }
+    s.row_total += row_tot[k];
+    s.w_sq += w_tot[k];
+  }
+}
+
+// commit_factors: r <- r_new, c <- beta*c + (1-beta)*(col/m + eps1); a = rsqrt(r/mean r),
+// s = sqrt(1/c). Returns sum U^2 = mean(r) * sum_j t_j / c_j.
+double commit_factors(const Stats& st, float* r, float* c, idx m, idx n, float beta, float omb, float eps1,
+                      std::vector<float>& a, std::vector<float>& s) {
+  double rsum = 0.0;
+  for (idx i = 0; i < m; ++i) {
+    r[i] = st.r_new[i];
+    rsum += r[i];
+  }
+  const float r_mean = (float)(rsum / (double)m);
+  a.resize(m);
+  for (idx i = 0; i < m; ++i) a[i] = 1.0f / std::sqrt(r[i] / r_mean);
+  s.resize(n);
+  double dot = 0.0;
+  for (idx j = 0; j < n; ++j) {
+    const float cm = (float)st.col[j] / (float)m + eps1;
+    c[j] = c[j] * beta + omb * cm;
+    const float inv_c = 1.0f / c[j];
+    s[j] = std::sqrt(inv_c);
+    dot += st.t[j] * (double)inv_c;
+  }
+  return (double)r_mean * dot;
+}
+
+void apply_decay(float* w, idx n, float decay, bool multiplicative) {
+  if (multiplicative) {
+    const float f = 1.0f - decay;  // lomo_optim: w *= 1 - d
+#pragma omp simd
+    for (idx j = 0; j < n; ++j) w[j] = w[j] * f;
+  } else {
+    const float f = -decay;  // transformers: w += -d * w
+#pragma omp simd
+    for (idx j = 0; j < n; ++j) w[j] = w[j] + f * w[j];
+  }
+}
+
+// The dense (1-D / 0-D) second moment: small tensors (biases, norms), one thread.
+std::tuple<bool, double> dense_adafactor(float* w, const float* g, float* v, float* mom, idx numel, float beta,
+                                         float omb, float eps1, double eps2, double rho, double clip, double wd,
+                                         bool mult, bool scale_param, double beta1) {
+  float g2s = 0.0f;
+  double w_sq = 0.0;
+  for (idx j = 0; j < numel; ++j) {
+    g2s += g[j] * g[j];
+    w_sq += (double)(w[j] * w[j]);
+  }
+  if (!std::isfinite(g2s)) return {false, 1.0};
+  double u2 = 0.0;
+  for (idx j = 0; j < numel; ++j) {
+    v[j] = v[j] * beta + omb * (g[j] * g[j] + eps1);
+    const float u = g[j] * (1.0f / std::sqrt(v[j]));
+    u2 += (double)(u * u);
+  }
+  const double div = py_max(1.0, std::sqrt((double)(float)u2 / (double)std::max<idx>(numel, 1)) / clip);
+  double scale = 1.0;
+  if (scale_param) scale = py_max(eps2, std::sqrt(w_sq) / std::sqrt((double)std::max<idx>(numel, 1)));
+  const double lr_t = rho * scale;
+  if (wd != 0.0) apply_decay(w, numel, (float)(lr_t * wd), mult);
+  const float fdiv = (float)div, neg_lr = (float)(-lr_t), b1 = (float)beta1, ob1 = (float)(1.0 - beta1);
+  for (idx j = 0; j < numel; ++j) {
+    float u = g[j] * (1.0f / std::sqrt(v[j])) / fdiv;
+    if (mom) {
+      mom[j] = mom[j] * b1 + ob1 * u;
+      u = mom[j];
+    }
+    w[j] = w[j] + neg_lr * u;
+  }
+  return {true, scale};
+}
+
+}  // namespace
+
+// Adafactor / AdaLomo. Returns (ok, scale) with scale = max(eps2, RMS(W)) or 1.
+std::tuple<bool, double> factored_step(torch::Tensor w, torch::Tensor g, torch::Tensor sq_row, torch::Tensor sq_col,
+                                       torch::Tensor sq, torch::Tensor exp_avg, double beta2, double eps1,
+                                       double eps2, double step_size, double clip, double wd, bool mult,
+                                       bool scale_param, double beta1, bool has_beta1) {
+  const idx numel = check_pair(w, g);
+  if (numel == 0) return {true, scale_param ? eps2 : 1.0};
+  float* wp = w.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* mp = has_beta1 ? fptr(exp_avg) : nullptr;
+  const float beta = (float)beta2, omb = (float)(1.0 - beta2);
+  if (w.dim() < 2) {
+    check_f32(sq, "sq");
+    return dense_adafactor(wp, gp, sq.data_ptr<float>(), mp, numel, beta, omb, (float)eps1, eps2, step_size, clip,
+                           wd, mult, scale_param, beta1);
+  }
+  check_f32(sq_row, "sq_row");
+  check_f32(sq_col, "sq_col");
+  const idx n = w.size(-1), m = w.size(-2), batch = numel / (m * n);
+  std::vector<Stats> stats(batch);
+  double row_total = 0.0, w_sq = 0.0;
+  float* rp = sq_row.data_ptr<float>();
+  float* cp = sq_col.data_ptr<float>();
+  for (idx k = 0; k < batch; ++k) {
+    factored_pass1(gp + k * m * n, scale_param ? wp + k * m * n : nullptr, rp + k * m, m, n, beta,
+                   (float)((1.0 - beta2) / (double)n), (float)(eps1 * (double)n), stats[k]);
+    row_total += stats[k].row_total;
+    w_sq += stats[k].w_sq;
+  }
+  if (!std::isfinite((float)row_total)) return {false, 1.0};
+  double scale = 1.0;
+  if (scale_param) scale = py_max(eps2, std::sqrt(w_sq / (double)numel));
+  const double lr_t = step_size * scale;
+  std::vector<std::vector<float>> as(batch), ss(batch);
+  double sum_u2 = 0.0;
+  for (idx k = 0; k < batch; ++k)
+    sum_u2 += commit_factors(stats[k], rp + k * m, cp + k * n, m, n, beta, omb, (float)eps1, as[k], ss[k]);
+  const double div = py_max(1.0, std::sqrt((double)(float)sum_u2 / (double)numel) / clip);
+  const float decay = (float)(lr_t * wd);
+  // Without a first moment: w += (g * a_i*(-lr_t/div)) * s_j; with one: M = b1*M + U(1-b1)/div.
+  const float coef_scale = has_beta1 ? (float)((1.0 - beta1) / div) : (float)(-lr_t / div);
+  const float b1 = (float)beta1, neg_lr = (float)(-lr_t);
+  for (idx k = 0; k < batch; ++k) {
+    const float* a = as[k].data();
+    const float* s = ss[k].data();
+    float* wk = wp + k * m * n;
+    const float* gk = gp + k * m * n;
+    float* mk = mp ? mp + k * m * n : nullptr;
+    at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
+      for (idx i = b; i < e; ++i) {
+        float* wi = wk + i * n;
+        const float* gi = gk + i * n;
+        const float coef = a[i] * coef_scale;
+        if (wd != 0.0) apply_decay(wi, n, decay, mult);
+        if (!mk) {
+#pragma omp simd
+          for (idx j = 0; j < n; ++j) wi[j] = wi[j] + (gi[j] * coef) * s[j];
+        } else {
+          float* mi = mk + i * n;
+#pragma omp simd
+          for (idx j = 0; j < n; ++j) {
+            mi[j] = mi[j] * b1 + (gi[j] * coef) * s[j];
+            wi[j] = wi[j] + neg_lr * mi[j];
+          }
+        }
+      }
+    });
+  }
+  return {true, scale};
+}
+
+// CAME. Returns ok.
+bool came_step(torch::Tensor w, torch::Tensor g, torch::Tensor exp_avg, torch::Tensor sq_row, torch::Tensor sq_col,
+               torch::Tensor res_row, torch::Tensor res_col, torch::Tensor sq, double lr, double beta1, double beta2,
+               double beta3, double eps1, double eps2, double clip, double wd) {
+  const idx numel = check_pair(w, g);
+  check_f32(exp_avg, "exp_avg");
+  if (numel == 0) return true;
+  float* wp = w.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* mp = exp_avg.data_ptr<float>();
+  const float beta = (float)beta2, omb = (float)(1.0 - beta2);
+  const float b1 = (float)beta1, ob1 = (float)(1.0 - beta1);
+  const float neg_lr_wd = (float)(-(lr * wd));
+  if (w.dim() < 2) {
+    check_f32(sq, "sq");
+    float* v = sq.data_ptr<float>();
+    float g2s = 0.0f;
+    for (idx j = 0; j < numel; ++j) g2s += gp[j] * gp[j];
+    if (!std::isfinite(g2s)) return false;
+    double u2 = 0.0;
+    for (idx j = 0; j < numel; ++j) {
+      v[j] = v[j] * beta + omb * (gp[j] * gp[j] + (float)eps1);
+      const float u = gp[j] * (1.0f / std::sqrt(v[j]));
+      u2 += (double)(u * u);
+    }
+    const float fdiv = (float)py_max(1.0, std::sqrt((double)(float)u2 / (double)numel) / clip);
+    const float neg_lr = (float)(-lr);
+    for (idx j = 0; j < numel; ++j) {
+      const float u = gp[j] * (1.0f / std::sqrt(v[j])) / fdiv;
+      mp[j] = mp[j] * b1 + ob1 * u;
+      if (wd != 0.0) wp[j] = wp[j] + neg_lr_wd * wp[j];
+      wp[j] = wp[j] + neg_lr * mp[j];
+    }
+    return true;
+  }
+  for (const auto* t : {&sq_row, &sq_col, &res_row, &res_col}) check_f32(*t, "a CAME factor");
+  const idx n = w.size(-1), m = w.size(-2), batch = numel / (m * n);
+  std::vector<Stats> stats(batch);
+  double row_total = 0.0;
+  float* rp = sq_row.data_ptr<float>();
+  float* cp = sq_col.data_ptr<float>();
+  for (idx k = 0; k < batch; ++k) {
+    factored_pass1(gp + k * m * n, nullptr, rp + k * m, m, n, beta, (float)((1.0 - beta2) / (double)n),
+                   (float)(eps1 * (double)n), stats[k]);
+    row_total += stats[k].row_total;
+  }
+  if (!std::isfinite((float)row_total)) return false;
+  std::vector<std::vector<float>> as(batch), ss(batch);
+  double sum_u2 = 0.0;
+  for (idx k = 0; k < batch; ++k)
+    sum_u2 += commit_factors(stats[k], rp + k * m, cp + k * n, m, n, beta, omb, (float)eps1, as[k], ss[k]);
+  const float fdiv = (float)py_max(1.0, std::sqrt((double)(float)sum_u2 / (double)numel) / clip);
+  const int nt = at::get_num_threads();
+  const float b3 = (float)beta3, ob3 = (float)(1.0 - beta3), e2 = (float)eps2, neg_lr = (float)(-lr);
+  float* rr_all = res_row.data_ptr<float>();
+  float* rc_all = res_col.data_ptr<float>();
+  std::vector<float> res_rows(m), ra(m), rs(n);
+  std::vector<double> col_acc;
+  for (idx k = 0; k < batch; ++k) {
+    const float* a = as[k].data();
+    const float* s = ss[k].data();
+    const float* gk = gp + k * m * n;
+    float* mk = mp + k * m * n;
+    float* wk = wp + k * m * n;
+    col_acc.assign((size_t)nt * n, 0.0);
+    // Pass 2: U (clipped), M = b1*M + (1-b1)*U, row and column sums of (U - M)^2.
+    at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
+      double* cl = col_acc.data() + (size_t)at::get_thread_num() * n;
+      for (idx i = b; i < e; ++i) {
+        const float* gi = gk + i * n;
+        float* mi = mk + i * n;
+        const float coef = a[i] / fdiv;
+        float rsum = 0.0f;
+#pragma omp simd reduction(+ : rsum)
+        for (idx j = 0; j < n; ++j) {
+          const float u = (gi[j] * coef) * s[j];
+          const float mn = mi[j] * b1 + ob1 * u;
+          mi[j] = mn;
+          const float d = u - mn;
+          const float r2 = d * d;
+          rsum += r2;
+          cl[j] += r2;
+        }
+        res_rows[i] = rsum;
+      }
+    });
+    // The instability EMA (beta3) and its factors ra = -lr * rsqrt(R / mean R), rs = rsqrt(C).
+    float* rr = rr_all + k * m;
+    float* rc = rc_all + k * n;
+    double rr_sum = 0.0;
+    for (idx i = 0; i < m; ++i) {
+      rr[i] = rr[i] * b3 + ob3 * (res_rows[i] / (float)n + e2);
+      rr_sum += rr[i];
+    }
+    const float rr_mean = (float)(rr_sum / (double)m);
+    for (idx i = 0; i < m; ++i) ra[i] = (1.0f / std::sqrt(rr[i] / rr_mean)) * neg_lr;
+    for (idx j = 0; j < n; ++j) {
+      double cs = 0.0;
+      for (int t = 0; t < nt; ++t) cs += col_acc[(size_t)t * n + j];
+      rc[j] = rc[j] * b3 + ob3 * ((float)cs / (float)m + e2);
+      rs[j] = 1.0f / std::sqrt(rc[j]);
+    }
+    // Pass 3: W += -lr*wd*W; W += (M * ra_i) * rs_j.
+    at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
+      for (idx i = b; i < e; ++i) {
+        float* wi = wk + i * n;
+        const float* mi = mk + i * n;
+        const float rai = ra[i];
+        if (wd != 0.0) {
+#pragma omp simd
+          for (idx j = 0; j < n; ++j) wi[j] = wi[j] + neg_lr_wd * wi[j];
+        }
+#pragma omp simd
+        for (idx j = 0; j < n; ++j) wi[j] = wi[j] + (mi[j] * rai) * rs[j];
+      }
+    });
+  }
+  return true;
+}
+
+// LOMO: W *= 1 - lr*wd; W -= lr*G, after checking that sum G^2 is finite. Returns ok.
+bool lomo_step(torch::Tensor w, torch::Tensor g, double lr, double wd) {
+  const idx numel = check_pair(w, g);
+  if (numel == 0) return true;
+  float* wp = w.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const idx grain = 1 << 16;
+  const int nt = at::get_num_threads();
+  std::vector<float> part(nt, 0.0f);
+  at::parallel_for(0, numel, grain, [&](idx b, idx e) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (idx j = b; j < e; ++j) acc += gp[j] * gp[j];
+    part[at::get_thread_num()] += acc;
+  });
+  float total = 0.0f;
+  for (float x : part) total += x;
+  if (!std::isfinite(total)) return false;
+  const float f = (float)(1.0 - lr * wd), neg_lr = (float)(-lr);
+  const bool decay = wd != 0.0;
+  at::parallel_for(0, numel, grain, [&](idx b, idx e) {
+    if (decay) {
+#pragma omp simd
+      for (idx j = b; j < e; ++j) wp[j] = wp[j] * f + neg_lr * gp[j];
+    } else {
+#pragma omp simd
+      for (idx j = b; j < e; ++j) wp[j] = wp[j] + neg_lr * gp[j];
+    }
+  });
+  return true;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("factored_step", &factored_step, "Adafactor/AdaLomo fused update of one parameter");
+  mod.def("came_step", &came_step, "CAME fused update of one parameter");
+  mod.def("lomo_step", &lomo_step, "LOMO fused update of one parameter");
+}
