@@ -70,7 +70,9 @@ def flat_layouts(shapes, world, rank=0):
     return out
 
 
-class _Counter:
+class ReducerCounter:
+    """Counts the all-reduce payload of every memopt Reducer run inside it (bytes and calls)."""
+
     def __init__(self):
         self.bytes = 0
         self.calls = 0
@@ -116,7 +118,7 @@ def measure(name, shapes, kind, world, steps=2):
     per_step = []
     for i in range(steps):
         flat.grad = torch.randn(n_local, generator=gen) * 1e-3
-        with _Counter() as c:
+        with ReducerCounter() as c:
             opt.step()
         per_step.append((c.bytes, c.calls))
     # The last step is the steady state; the first one can differ (Adapprox's cold sketch).
