@@ -186,11 +186,11 @@ def all_cases(paths: str = "default") -> list[Case]:
 
 
 def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: str = "cpu",
-        dtype: str = "float32", paths: str = "default") -> dict:
+        dtype: str = "float32", paths: str = "default", hidden: int = 768) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
     dt_ = getattr(torch, dtype)
-    shapes = [s for _, s in gpt2_shapes(layers=layers)]
+    shapes = [s for _, s in gpt2_shapes(layers=layers, hidden=hidden)]
     n_params = sum(math.prod(s) for s in shapes)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device=dev, dtype=dt_) for s in shapes]
@@ -243,7 +243,7 @@ def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: st
             )
         )
     return dict(
-        params=n_params, layers=layers, warmup=warmup, timed_steps=steps, dtype=dtype, device=device,
+        params=n_params, layers=layers, hidden=hidden, warmup=warmup, timed_steps=steps, dtype=dtype, device=device,
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, paths=paths,
         torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
         cpus=os.cpu_count(), results=results, left_out=failed,
@@ -260,10 +260,15 @@ def check(report: dict) -> list[str]:
             ok = ours["median_ms"] < peer["median_ms"]
             verdict = ("PASS" if ok else "FAIL") if peer.get("comparable", True) else "NOTE"
             lines.append(
-                f"{verdict}: {ours['label']} {ours['median_ms']:.0f} ms vs "
-                f"{peer['label']} {peer['median_ms']:.0f} ms ({peer['median_ms'] / ours['median_ms']:.1f}x)"
+                f"{verdict}: {ours['label']} {fmt_ms(ours['median_ms'])} ms vs "
+                f"{peer['label']} {fmt_ms(peer['median_ms'])} ms ({peer['median_ms'] / ours['median_ms']:.1f}x)"
             )
     return lines
+
+
+def fmt_ms(ms: float) -> str:
+    """A step time for the tables: whole ms on CPU, two decimals for the sub-10 ms steps of a GPU."""
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
 
 
 def markdown(report: dict, command: str, checks: list[str]) -> str:
@@ -274,7 +279,8 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
     device = report.get("device", "cpu")
     where = "CPU" if device == "cpu" else f"{device} ({report.get('device_name')})"
     out = [
-        f"# Optimizer step time and state memory: GPT-2 124M shapes, {report.get('dtype', 'float32')}, {where}",
+        f"# Optimizer step time and state memory: GPT-2 shapes ({report['params'] / 1e6:.0f}M), "
+        f"{report.get('dtype', 'float32')}, {where}",
         "",
         f"Command: `{command}`",
         "",
@@ -290,7 +296,7 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
         sb = "" if r["state_bytes"] is None else f"{r['state_bytes'] / 1e6:.1f}"
         rel = f"{r['median_ms'] / fused['median_ms']:.2f}" if fused else ""
         out.append(
-            f"| {r['label']} | {r['algorithm']} | {r['median_ms']:.0f} | {rel} | "
+            f"| {r['label']} | {r['algorithm']} | {fmt_ms(r['median_ms'])} | {rel} | "
             f"{r['median_ms'] / floor['median_ms']:.2f} | {sb} |"
         )
     if report.get("left_out"):
@@ -324,6 +330,8 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12, help="transformer layers (12 = GPT-2 124M)")
+    ap.add_argument("--hidden", type=int, default=768,
+                    help="hidden size (768 = GPT-2 124M; --layers 24 --hidden 2048 = 1.3B, GPT-3 XL's shapes)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (>= 5 for the report)")
     ap.add_argument("--only", nargs="*", help="algorithms to run (adamw adafactor came adalomo lomo adapprox)")
@@ -334,12 +342,12 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="default", choices=["default", "both"],
                     help="memopt rows: the default constructor, or foreach=False and foreach=True side by side")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.layers < 1:
-        ap.error("--steps and --layers must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.layers < 1 or args.hidden < 1:
+        ap.error("--steps, --layers and --hidden must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
 
-    report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths)
+    report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths, args.hidden)
     checks = check(report)
     command = "python tools/bench_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
