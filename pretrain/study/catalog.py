@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 class Entry:
     key: str  # the study's name (also the run directory prefix)
     label: str  # for tables and plots
-    optimizer: str  # memopt.create_optimizer name (or "galore_adamw", registered by the worker)
+    optimizer: str  # memopt.create_optimizer name (or "galore_adamw" / a pretrain.baselines name, registered by the worker)
     lr_center: float
     hparams: dict = field(default_factory=dict)
     paper_key: str | None = None  # the row of the reported table (ALGORITHMS.md, last section)
@@ -41,9 +41,20 @@ CATALOG: dict[str, Entry] = {e.key: e for e in [
     Entry("galore", "GaLore-AdamW r=96", "galore_adamw", 3e-3,
           {"rank": 96, "update_proj_gap": 200, "scale": 0.25}, "galore",
           "galore-torch 1.0 GaLoreAdamW on the transformer-layer matrices (rank = hidden/4), AdamW elsewhere"),
+    # Baselines (pretrain/baselines, registered by the worker): not in the default study.
+    Entry("sgdm", "SGD momentum 0.9", "sgd", 0.3, {"momentum": 0.9, "weight_decay": 0.0}, "sgd",
+          "torch.optim.SGD, momentum 0.9; engine clips the global grad norm at 1.0"),
+    Entry("adam_mini", "Adam-mini", "adam_mini", 1e-3, {"weight_decay": 0.0}, None,
+          "pretrain/baselines/adam_mini.py (ours, from the paper): one v per Q/K head, per output neuron elsewhere"),
+    Entry("apollo_mini", "APOLLO-Mini", "apollo_mini", 1e-2, {"weight_decay": 0.0}, None,
+          "pretrain/baselines/apollo_mini.py (ours, from the paper): rank-1 projection, tensor-wise scale, "
+          "transformer-layer matrices; AdamW elsewhere"),
+    Entry("adamw8bit", "AdamW 8-bit", "adamw8bit", 1e-3, {"weight_decay": 0.0}, None,
+          "bitsandbytes AdamW8bit (its CPU path), block-wise 8-bit moments"),
 ]}
 
-DEFAULT_OPTIMIZERS = tuple(CATALOG)
+BASELINE_KEYS = ("sgdm", "adam_mini", "apollo_mini", "adamw8bit")
+DEFAULT_OPTIMIZERS = tuple(k for k in CATALOG if k not in BASELINE_KEYS)
 
 # Adapprox rebuttal, GPT-2 125M on OpenWebText, training loss at 10K steps (ALGORITHMS.md). Where
 # a tuned-lr number is reported it is used (GaLore 3.80 at lr 1e-3, Adapprox 3.76), otherwise the

@@ -119,8 +119,7 @@ def inprocess_run(spec: dict) -> dict:
     peak so far, not the run's own: use ``subprocess_run`` for memory numbers."""
     from . import worker
 
-    if spec.get("optimizer") == "galore_adamw":
-        worker.register_galore()
+    worker.register_optimizer(spec)
     if spec["kind"] == "train" and Path(spec["output_dir"]).exists():
         shutil.rmtree(spec["output_dir"])
     result = worker.run(spec) if spec["kind"] == "train" else worker.evaluate_only(spec)

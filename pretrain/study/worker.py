@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from pretrain import baselines
 from pretrain.train.callbacks import Callback
 
 _PARAM_NAMES: dict[int, str] = {}
@@ -54,6 +55,14 @@ def register_galore() -> None:
                              no_deprecation_warning=True)
 
     registry.OPTIMIZERS["galore_adamw"] = GaLoreAdamW
+
+
+def register_optimizer(spec: dict) -> None:
+    """Make the spec's optimizer name known before its config is read (the config checks it)."""
+    if spec.get("optimizer") == "galore_adamw":
+        register_galore()
+    if spec.get("optimizer") in baselines.NAMES:
+        baselines.register()
 
 
 def state_bytes(opt) -> int:
@@ -112,6 +121,8 @@ class StudyProbe(Callback):
 
     def on_model_built(self, trainer, model) -> None:
         _PARAM_NAMES.update({id(p): n for n, p in model.named_parameters()})
+        if trainer.cfg.optimizer.name in baselines.NAMES:
+            baselines.register(model)  # Adam-mini / APOLLO-Mini partition the model by parameter name
 
     def post_train_batch(self, trainer, metrics) -> None:
         self.stamps.append((time.perf_counter(), time.process_time()))
@@ -194,8 +205,7 @@ def main(argv=None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if spec.get("optimizer") == "galore_adamw":
-        register_galore()
+    register_optimizer(spec)
     try:
         result = run(spec) if spec.get("kind", "train") == "train" else evaluate_only(spec)
     except Exception as e:  # a crash is recorded, the study goes on
