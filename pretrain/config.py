@@ -154,6 +154,28 @@ class ParallelSection(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
 
 
+class LoggingSection(_Section):
+    """Trackers and the logged step norms (metrics.jsonl and TensorBoard always, W&B on request)."""
+
+    # Weights & Biases (an optional dependency: pip install wandb), rank 0 only.
+    wandb: bool = False
+    wandb_project: str = "memopt-pretrain"
+    wandb_run_name: str | None = None  # default: W&B's own name
+    # offline: no network, the run directory under <output_dir>/wandb (sync later with `wandb sync`).
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    # grad_norm and update_norm on logging steps (update_norm copies this rank's weights, or
+    # with fused backward one parameter at a time, for the length of a logging step).
+    norms: bool = True
+
+    @model_validator(mode="after")
+    def _wandb_installed(self):
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb=true needs the wandb package: pip install wandb (or pip install -e '.[wandb]')")
+        return self
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/default"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -164,6 +186,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -11,19 +11,21 @@ The trainer calls, in order, for every callback in its list:
     on_train_end(trainer)                       after the last step (the final checkpoint)
     close(trainer)                              always, also after an error
 
-Logging, TensorBoard, the progress bar, validation and checkpointing are the callbacks below;
-a study or a user adds theirs with ``Trainer(cfg, task, callbacks=[...])``.
+Logging, TensorBoard, W&B (``logging.wandb``), the progress bar, validation and checkpointing
+are the callbacks below; a study or a user adds theirs with ``Trainer(cfg, task, callbacks=[...])``.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from pretrain.checkpoint import save_checkpoint
+from pretrain.errors import UserError
 
 from pretrain.dist import all_ranks_mean, dist_rank
 
@@ -109,6 +111,40 @@ class TensorBoardCallback(Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class WandbCallback(Callback):
+    """Rank 0: every numeric metric as a Weights & Biases scalar (``logging.wandb=true``), the run
+    config as the W&B config. ``mode="offline"`` needs no network (WANDB_MODE=offline): the run
+    directory is written under ``<output_dir>/wandb`` and can be uploaded later (``wandb sync``)."""
+
+    def __init__(self, output_dir: str | Path, project: str, run_name: str | None, mode: str):
+        self.output_dir = Path(output_dir)
+        self.project, self.run_name, self.mode = project, run_name, mode
+        self._run = None
+
+    def on_train_start(self, trainer) -> None:
+        if dist_rank() != 0:
+            return
+        try:
+            import wandb
+        except ImportError:  # checked at config load too; a config built in code may skip that
+            raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
+        if self.mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"  # also for wandb's service process
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(project=self.project, name=self.run_name, mode=self.mode, dir=str(self.output_dir),
+                               config=json.loads(trainer.config_json), settings=wandb.Settings(silent=True))
+
+    def log_metrics(self, trainer, metrics: dict) -> None:
+        if self._run is not None:
+            scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+            self._run.log(scalars, step=metrics["step"])
+
+    def close(self, trainer) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
 
 
 class ProgressBarCallback(Callback):
@@ -202,7 +238,7 @@ class CheckpointerCallback(Callback):
 
 
 def default_callbacks(cfg) -> list[Callback]:
-    """Validation, metrics file, TensorBoard, progress bar (if enabled) and checkpoints, in the
+    """Validation, metrics file, TensorBoard, W&B and progress bar (if enabled) and checkpoints, in the
     order their hooks must run (validation adds to the metrics that are then logged; the
     checkpoint is saved after the step's metrics are written)."""
     callbacks: list[Callback] = [
@@ -210,6 +246,9 @@ def default_callbacks(cfg) -> list[Callback]:
         MetricsFileCallback(cfg.output_dir),
         TensorBoardCallback(cfg.output_dir),
     ]
+    if cfg.logging.wandb:
+        callbacks.append(WandbCallback(cfg.output_dir, cfg.logging.wandb_project, cfg.logging.wandb_run_name,
+                                       cfg.logging.wandb_mode))
     if cfg.train.progress_bar:
         callbacks.append(ProgressBarCallback())
     callbacks.append(CheckpointerCallback(cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.save_final))

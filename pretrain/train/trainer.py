@@ -30,6 +30,7 @@ from .metrics import peak_memory_bytes
 from .precision import autocast_loss_fn, check_precision, prepare_model, uses_autocast
 from .resume import check_resumable, schedule_changes
 from .schedule import reapply_schedule
+from .step_norms import step_scalars
 
 
 class TrainingError(UserError, RuntimeError):
@@ -85,6 +86,10 @@ class Trainer:
     def checkpoint_state(self) -> dict:
         return dict(asdict(self.state), world_size=dist_world(), engine=self.engine.name,
                     tensor_parallel_size=self.cfg.parallel.tensor_parallel_size)
+
+    def _logs(self, step: int) -> bool:
+        """Whether ``step`` (1-based) writes metrics."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or step == 1
 
     def _each(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -161,7 +166,8 @@ class Trainer:
                 self.step_lr = self.engine.lr  # DeepSpeed steps its schedule inside the step
                 micro = [self.to_device(next(batches)) for _ in range(cfg.train.grad_accum_steps)]
                 step_tokens = sum(int(b[self.task.tokens_key].numel()) for b in micro) * data_parallel_size()
-                losses = self.engine.train_step(micro, self.loss_fn)
+                logs = self._logs(self.state.step + 1)
+                losses = self.engine.train_step(micro, self.loss_fn, measure=logs and cfg.logging.norms)
                 self.state.consumed_samples += self.global_batch
                 self.state.tokens += step_tokens
                 self.state.step += 1
@@ -182,11 +188,12 @@ class Trainer:
                 first_loss = last_loss if first_loss is None else first_loss
                 metrics = {}
                 step = self.state.step
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == 1:
+                if logs:
                     metrics = dict(step=step, loss=last_loss, lr=self.step_lr, tokens=self.state.tokens,
                                    tokens_per_s=step_tokens / (time.perf_counter() - t0),
                                    peak_memory_bytes=peak_memory_bytes(),
-                                   nonfinite_skipped_steps=self.state.nonfinite_skipped_steps)
+                                   nonfinite_skipped_steps=self.state.nonfinite_skipped_steps,
+                                   **step_scalars(self.engine))
                 self._each("post_train_batch", metrics)
                 if metrics:
                     self._each("log_metrics", metrics)

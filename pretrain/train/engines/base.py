@@ -9,6 +9,7 @@ and ``lr``.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch
 from memopt.registry import FUSED_BACKWARD
 
 from pretrain.dist import all_ranks_agree
+from pretrain.train.step_norms import StepNorms, local_part, optimizer_state_total
 
 LossFn = Callable[[torch.nn.Module, dict], tuple]  # (model, batch) -> (loss, extra)
 
@@ -53,17 +55,24 @@ class Engine:
     name = "engine"
     model: torch.nn.Module
     module: torch.nn.Module
+    fused = False  # updates inside backward (set by engines that support it)
+    grads_in_dot_grad = True  # the step's gradients are in p.grad before apply_update
+    # The last measured step's norms (``train_step(..., measure=True)``), see step_norms.py.
+    last_norms: dict | None = None
 
     @property
     def lr(self) -> float | None:
         """The lr the next update uses."""
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> list[float] | None:
+    def train_step(self, micro_batches: list[dict], loss_fn: LossFn, measure: bool = False) -> list[float] | None:
         """One optimizer step over ``micro_batches`` (gradients accumulated over them). Returns
         this rank's per-micro-batch losses, or None when some rank's loss was not finite: then
-        the step is skipped everywhere and the schedule does not advance."""
+        the step is skipped everywhere and the schedule does not advance. ``measure`` (logging
+        steps): also measure grad- and update-norm into ``last_norms`` (step_norms.py)."""
         self.model.train()
+        norms = StepNorms(self.norm_tensors(), self.fused) if measure else None
+        self.last_norms = None
         accum = len(micro_batches)
         losses = []
         for batch in micro_batches:
@@ -78,9 +87,47 @@ class Engine:
                 self.skip_step()
                 return None
             losses.append(float(loss.detach()))
-            self.backward(loss, recompute, accum)
+            with norms.watch_fused_backward() if norms is not None and self.fused else contextlib.nullcontext():
+                self.backward(loss, recompute, accum)
+        if norms is not None and not self.fused and self.grads_in_dot_grad:
+            norms.gradients_before_update()
         self.apply_update()
+        if norms is not None:
+            norms.grad_norm = self.step_grad_norm()
+            self.last_norms = norms.finish()
         return losses
+
+    # -- what the logged norms read (step_norms.py) ---------------------------------------------
+    def norm_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(parameter, this rank's tensor of it, how many ranks hold the same elements) for every
+        trained parameter: DDP replicas over DP, FSDP2 shards once; TP slices once, the rest
+        over TP."""
+        from pretrain.models.parallel import data_parallel_size, tensor_parallel_size
+
+        tp, dp = tensor_parallel_size(), data_parallel_size()
+        split = getattr(self, "tp_dims", {})
+        out = []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                local, dp_sharded = local_part(p)
+                out.append((p, local, (1 if name in split else tp) * (1 if dp_sharded else dp)))
+        return out
+
+    def step_grad_norm(self):
+        """The engine's own pre-clipping gradient norm of the step just taken, or None (then
+        it is measured from the gradients)."""
+        return None
+
+    def optimizer_state_group(self):
+        """The ranks holding different parts of the optimizer state (None: each holds all of
+        it): here the TP group when TP > 1, as replicas over DP hold the same state."""
+        from pretrain.models.parallel import tensor_parallel_group, tensor_parallel_size
+
+        return tensor_parallel_group() if tensor_parallel_size() > 1 else None
+
+    def optimizer_state_bytes(self) -> int:
+        """Optimizer-state bytes of the whole run (summed over ranks where sharded)."""
+        return optimizer_state_total(self.optimizer, self.optimizer_state_group())
 
     # -- hooks -------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, recompute_loss: Callable[[], torch.Tensor], accum: int) -> None:

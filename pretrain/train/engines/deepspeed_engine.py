@@ -130,6 +130,28 @@ class DeepSpeedEngine(Engine):
     def skip_step(self) -> None:
         self.engine.zero_grad()
 
+    # -- logged norms (pretrain/train/step_norms.py) --------------------------------------------
+    # engine.step() runs inside backward() and clears the gradients: ZeRO's own norm is read.
+    grads_in_dot_grad = False
+
+    def step_grad_norm(self):
+        """The global gradient norm before clipping, as DeepSpeed computed it for the step just
+        taken (None where it computes none: ZeRO stage 0 without gradient_clipping)."""
+        return self.engine.get_global_grad_norm()
+
+    def norm_tensors(self):
+        if self.engine.zero_optimization_stage() == 3:  # each rank holds one partition of each
+            return [(p, p.ds_tensor, 1) for p in self.engine.module.parameters() if p.requires_grad]
+        return super().norm_tensors()
+
+    def optimizer_state_bytes(self) -> int:
+        import torch.distributed as dist
+
+        from pretrain.train.step_norms import optimizer_state_total
+
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the client inside ZeRO's wrapper
+        return optimizer_state_total(inner, dist.group.WORLD if self.engine.zero_optimization_stage() >= 1 else None)
+
     @property
     def _memopt_client(self):
         """The memopt optimizer on ZeRO partitions (None for torch optimizers or ZeRO stage 0)."""

@@ -130,6 +130,11 @@ class DDPEngine(SingleEngine):
 class FSDP2Engine(SingleEngine):
     name = "fsdp2"
 
+    def optimizer_state_group(self):
+        import torch.distributed as dist
+
+        return dist.group.WORLD  # every rank holds the state of its own shards
+
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard
 
