@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 
 _MASK32 = 0xFFFFFFFF
-# Elements rounded per block: bounds the int64 temporaries to a few MiB whatever the parameter.
-_BLOCK = 1 << 20
+# Elements rounded per block: bounds the int64 temporaries (about three of a block's size) to a
+# few MiB on CPU whatever the parameter; larger on accelerators, where each block is ~25 launches.
+_BLOCK_CPU = 1 << 18
+_BLOCK_ACCELERATOR = 1 << 22
 
 
 def _mul32(x, c: int):
@@ -37,6 +39,23 @@ def hash32(x):
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def _mul32_(x: torch.Tensor, c: int) -> None:
+    """``_mul32`` in place on an int64 tensor (one temporary)."""
+    hi = x >> 16
+    x.bitwise_and_(0xFFFF).mul_(c)
+    hi.mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    x.add_(hi).bitwise_and_(_MASK32)
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """``hash32`` in place on an int64 tensor (the per-element hot path); returns ``x``."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 def rounding_key(seed: int, index, step):
@@ -57,17 +76,18 @@ def random_bits16(key, start: int, numel: int, device) -> torch.Tensor:
         key, idx = key.reshape(-1, 1), idx.reshape(1, -1)
     if start + numel > _MASK32:  # beyond 2**32 elements: the high word joins the key
         key = key ^ hash32(idx >> 32)
-    return hash32(key ^ (idx & _MASK32)) >> 16  # the high half: the better-mixed bits
+    return _hash32_(idx.bitwise_and(_MASK32) ^ key).bitwise_right_shift_(16)  # the better-mixed half
 
 
 def round_with_bits(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     """bf16 of fp32 ``x`` rounded up in magnitude with probability (dropped low 16 bits) / 2**16.
+    ``bits16`` (int64, broadcastable to ``x``) is consumed.
 
     Adding a uniform 16-bit number to the low half of the fp32 pattern and truncating is exactly
     that (the pattern is sign-magnitude, so both signs round away from zero alike); the carry
     walks into the exponent correctly, inf stays inf, and NaN is kept as NaN."""
-    pattern = x.view(torch.int32).to(torch.int64)
-    rounded = ((pattern + bits16) & ~0xFFFF).to(torch.int32).view(torch.float32)
+    bits = bits16.add_(x.view(torch.int32)).bitwise_and_(~0xFFFF)  # in place: the bits are used once
+    rounded = bits.to(torch.int32).view(torch.float32)
     rounded = torch.where(torch.isnan(x), x, rounded)
     return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
@@ -83,8 +103,9 @@ def stochastic_round_bf16(x: torch.Tensor, seed: int, index, step, start: int = 
     flat = x.detach().reshape(x.shape[0] if stacked else 1, -1)
     out = torch.empty(flat.shape, dtype=torch.bfloat16, device=x.device)
     rows, n = flat.shape
-    for lo in range(0, n, _BLOCK):
-        hi = min(n, lo + _BLOCK)
+    block = _BLOCK_CPU if x.device.type == "cpu" else _BLOCK_ACCELERATOR
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
         bits = random_bits16(key, start + lo, hi - lo, x.device).reshape(rows, hi - lo)
         out[:, lo:hi] = round_with_bits(flat[:, lo:hi].contiguous(), bits)
     return out.reshape(x.shape)
