@@ -25,6 +25,7 @@ if importlib.util.find_spec("triton") is None:
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (set it before triton is imported; "
                 "tests/conftest.py does)", allow_module_level=True)
+pytest.importorskip("triton", exc_type=ImportError)  # a broken install skips too
 
 import memopt  # noqa: E402
 from memopt.kernels import triton as kernels  # noqa: E402
