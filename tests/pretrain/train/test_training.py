@@ -227,6 +227,8 @@ def test_deepspeed_zero2_adalomo_trains_and_resumes(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("loss" in r for r in rows)
+    # ZeRO's own gradient norm, the update of the full weights, the state summed over both ranks
+    assert all(r["grad_norm"] > 0 and r["update_norm"] > 0 and r["optimizer_state_bytes"] > 0 for r in rows)
     assert losses[4] < losses[1]  # AdaLomo at the quickstart's lr makes progress in 4 steps
     # Resume on 1 rank what 2 ranks wrote: through memopt_full.pt (weights, fp32 masters and the
     # optimizer state by parameter name), not DeepSpeed's per-rank files.
