@@ -205,15 +205,21 @@ def test_no_host_sync_on_cuda():
     g = torch.randn_like(w)
     r, c = torch.zeros(64, device="cuda"), torch.zeros(96, device="cuda")
     t = torch.full((), 3.0, device="cuda")
-    kernels.factored_step_(w, g, sq_row=r, sq_col=c, beta2=0.5, eps1=1e-30, eps2=1e-3, step_size=1e-2,
-                           clip_threshold=1.0)  # compile first: compilation may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def steps():
         omb = t.pow(-0.8)
         kernels.factored_step_(w, g, sq_row=r, sq_col=c, beta2=1.0 - omb, one_minus_beta2=omb, eps1=1e-30,
                                eps2=1e-3, step_size=t.rsqrt(), clip_threshold=1.0)
+        kernels.came_step_(w, g, exp_avg=torch.zeros_like(w), sq_row=r, sq_col=c, res_row=r.clone(),
+                           res_col=c.clone(), lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30,
+                           eps2=1e-16, clip_threshold=1.0, weight_decay=0.1)
         kernels.lomo_step_(w, g, lr=1e-3, weight_decay=0.1)
+
+    steps()  # the first call compiles the kernels of exactly these argument kinds
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
