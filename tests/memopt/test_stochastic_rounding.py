@@ -252,3 +252,22 @@ def test_fsdp2_shards_round_as_the_single_process():
         assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(ranked, single.ps))
     # ... and the rounding did something: it is not round-to-nearest.
     assert not all(torch.equal(a, b) for a, b in zip(single.ps, nearest.ps))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rounds_the_same_bits_as_cpu_without_a_host_sync():
+    x = torch.randn(3, 70_000) * 1e-2
+    index, step = torch.tensor([1, 4, 2]), torch.tensor([3.0, 3.0, 8.0])
+    cpu = stochastic_round_bf16(x, 9, index, step)
+    assert torch.equal(stochastic_round_bf16(x.cuda(), 9, index.cuda(), step.cuda()).cpu(), cpu)
+    params = [torch.nn.Parameter(torch.randn(64, 32, device="cuda").bfloat16()) for _ in range(3)]
+    opt = memopt.AdaLomo(params, lr=1e-3, stochastic_rounding=True, foreach=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # raises on any host sync
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
