@@ -77,7 +77,7 @@ bench() {
 RUNS=(gpu_float32 gpu_bfloat16 gpu_fused_backward gpu_1p3b_float32 gpu_1p3b_bfloat16)
 # --paths all (+ fused=True rows) where this checkout's benchmark has it, else both memopt paths.
 PATHS=both
-"$PY" tools/bench_optimizers.py --help 2>/dev/null | grep -q "fused=True" && PATHS=all
+"$PY" tools/bench_optimizers.py --help 2>/dev/null | grep -q "{default,both,all}" && PATHS=all
 bench gpu_float32 100 --dtype float32 --paths "$PATHS" --warmup 3 --steps 10
 bench gpu_bfloat16 60 --dtype bfloat16 --paths "$PATHS" --warmup 3 --steps 10
 bench gpu_fused_backward 60 --dtype bfloat16 --warmup 3 --steps 10
