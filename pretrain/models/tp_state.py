@@ -42,6 +42,7 @@ def mark_for_optimizer(named_params, dims: Mapping[str, int]) -> int:
     world = tensor_parallel_size()
     if world == 1:
         return 0
+    named_params = list(named_params)
     rank, group, tp_dp = tensor_parallel_rank(), tensor_parallel_group(), tensor_and_data_parallel_group()
     marked = 0
     for name, p in named_params:

@@ -186,3 +186,50 @@ def test_fsdp2_and_deepspeed_under_tp2(tmp_path, engine):
                          f"checkpoint.resume={ckpt2}", check=False)
         assert proc.returncode == 1
         assert "written by 2 DeepSpeed ranks at tensor_parallel_size=2 and this run has 1 at 1" in proc.stderr
+
+
+# -- gradient-norm clipping under TP (2 gloo processes, no trainer) --------------------------------
+
+def _clipped_grads(max_norm: float):
+    """The tiny GPT's gradient norm and clipped full gradients on a fixed batch, at this process's TP."""
+    from pretrain.models import build_gpt, get_preset, gpt_loss, tensor_parallel_size
+    from pretrain.models.tp_state import gather_full, split_dims
+    from pretrain.train.engines.grad_norm import clip_grad_norm_tensor_parallel
+
+    cfg = get_preset("tiny", "gpt", vocab_size=1000, hidden_dropout=0.0, attention_dropout=0.0)
+    model = build_gpt(cfg, seed=7)
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, 16)}
+    gpt_loss(model, batch)[0].backward()
+    dims = split_dims(model)
+    if tensor_parallel_size() > 1:
+        norm = clip_grad_norm_tensor_parallel(model.named_parameters(), max_norm, dims)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm), gather_full({n: p.grad for n, p in model.named_parameters()}, dims)
+
+
+def _clip_worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from pretrain.models import destroy_model_parallel, init_model_parallel
+
+    init_model_parallel(tensor_parallel_size=world)
+    out = _clipped_grads(max_norm=0.5)
+    if rank == 0:
+        torch.save(out, path)
+    destroy_model_parallel(destroy_process_group=True)
+
+
+@pytest.mark.usefixtures("model_parallel_tp1")
+def test_grad_norm_clipping_counts_split_and_replicated_parameters_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "tp2.pt")
+    mp.spawn(_clip_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    norm2, grads2 = torch.load(path)
+    norm1, grads1 = _clipped_grads(max_norm=0.5)
+    assert norm1 > 1.0  # the clip is active: the gradients are scaled by 0.5 / norm
+    assert abs(norm2 - norm1) <= 1e-5 * norm1
+    for name, g in grads1.items():
+        assert torch.allclose(g, grads2[name], atol=1e-6, rtol=1e-4), name
