@@ -165,12 +165,12 @@ def test_tp2_dp2_trains_like_tp1_dp2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
-def test_fsdp2_and_deepspeed_under_tp2(tmp_path, engine):
+@pytest.mark.parametrize("engine, optimizer", [("fsdp2", "adamw"), ("fsdp2", "adafactor"), ("deepspeed", "adamw")])
+def test_fsdp2_and_deepspeed_under_tp2(tmp_path, engine, optimizer):
     """TP=2 under FSDP2 (a (dp, tp) mesh) and DeepSpeed (megatron's groups as its mpu) trains like
     TP=1, its checkpoint exports; FSDP2's resumes at TP=1, DeepSpeed's with AdamW refuses in one line."""
     tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
-    steps = ["train.steps=3", "checkpoint.every=2", "optimizer.name=adamw"]
+    steps = ["train.steps=3", "checkpoint.every=2", f"optimizer.name={optimizer}"]
     _train(tp1, *steps)
     _torchrun(tp2, 2, "parallel.tensor_parallel_size=2", f"engine.kind={engine}", "engine.zero_stage=1", *steps)
     a, b = _losses(tp1), _losses(tp2)
