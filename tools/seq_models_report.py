@@ -33,7 +33,7 @@ def summarize(task: str, per_opt: dict) -> list[dict]:
             state_mib=statistics.mean(f["optimizer_state_bytes"] for f in ok) / MIB,
             peak_mib=statistics.mean(f["peak_train_rss_bytes"] for f in ok) / MIB,
             param_mib=ok[0]["param_bytes"] / MIB, params=ok[0]["param_count"],
-            train_s=statistics.mean(f["train_wall_s"] for f in ok),
+            train_s=statistics.mean(f["train_wall_s"] for f in ok), cpu_s=statistics.mean(f["train_cpu_s"] for f in ok),
             lrs=[s["lr"] for s in r["sweep"]], interior=r["sweep"][0]["lr"] < r["best_lr"] < r["sweep"][-1]["lr"],
         ))
     return rows
@@ -83,7 +83,7 @@ def plot(task: str, per_opt: dict, labels: dict, out: Path) -> list[str]:
 
 def write_report(results: dict, out: Path, meta: dict) -> None:
     labels = {k: v[0] for k, v in meta["optimizers"].items()}
-    all_runs = [f for t in results.values() for r in t.values() for f in r["sweep"] + r["finals"]]
+    all_runs = [f for t in results.values() for r in t.values() for f in r["sweep"] + r["finals"] if not f.get("missing")]
     compute_s = sum({id(f): f.get("run_wall_s") or 0 for f in all_runs}.values())
     lines = []
     if meta.get("label"):
@@ -101,19 +101,20 @@ def write_report(results: dict, out: Path, meta: dict) -> None:
         if first:
             lines += [f"{first['param_count']:,} parameters, {first['steps']} steps, size {first['size'] or 'default'}.", ""]
         lines += [f"| optimizer | best lr | lr grid (interior?) | seeds | val loss | {name} | optimizer state MiB | "
-                  "training peak RSS MiB | train s/run |", "|---|---|---|---|---|---|---|---|---|"]
+                  "training peak RSS MiB | train s/run (CPU s) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if not r.get("seeds"):
-                lines.append(f"| {labels[r['key']]} | {r['best_lr']:.3g} | | 0 | failed | | | | |")
+                lines.append(f"| {labels[r['key']]} | {r['best_lr']:.3g} | | 0 | not finished | | | | |")
                 continue
             grid = ", ".join(f"{x:.3g}" for x in r["lrs"]) + (" (yes)" if r["interior"] else " (**edge**)")
             lines.append(f"| {labels[r['key']]} | {r['best_lr']:.3g} | {grid} | {r['seeds']} | {fmt(r['loss'])} +- "
                          f"{fmt(r['loss_hr'])} | {fmt(r['metric'])} +- {fmt(r['metric_hr'])} | {r['state_mib']:.3f} | "
-                         f"{r['peak_mib']:.1f} | {r['train_s']:.0f} |")
+                         f"{r['peak_mib']:.1f} | {r['train_s']:.0f} ({r['cpu_s']:.0f}) |")
         lines += ["", "Sweep (seed 1, final validation loss):", "",
                   "| optimizer | " + " | ".join(["lr: loss"] * 1) + " |", "|---|---|"]
         for key, r in per_opt.items():
-            cells = ", ".join(f"{s['lr']:.3g}: {fmt(s.get('final_val_loss'))}" for s in r["sweep"])
+            cells = ", ".join(f"{s['lr']:.3g}: {'not run yet' if s.get('missing') else fmt(s.get('final_val_loss'))}"
+                              for s in r["sweep"])
             lines.append(f"| {labels[key]} | {cells} |")
         lines += ["", "- " + verdict(rows, "adalomo", "adam"), "- " + verdict(rows, "adalomo", "adafactor"),
                   "- " + verdict(rows, "adam", "sgd"), ""]

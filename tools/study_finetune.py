@@ -184,7 +184,7 @@ def write_report(results: dict, out: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for v in results.values() for r in v["sweep"]]
+    runs = [r for v in results.values() for r in v["sweep"] if not r.get("missing")]
     lines = [f"**{meta['label']}**", ""] if meta.get("label") else []
     lines += ["# Fine-tuning the demo GPT on held-out text: AdaLomo vs AdamW vs LoRA vs LOMO", "",
               f"Command: `{meta['command']}`", "", f"Base: {meta['base']}. Runs: {len(runs)}; summed run time "
@@ -194,7 +194,11 @@ def write_report(results: dict, out: Path, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, v in results.items():
         best = next(r for r in v["sweep"] if r["lr"] == v["best_lr"])
-        grid = ", ".join(f"{r['lr']:.3g}: {seq_fmt(r.get('final_val_loss'))}" for r in v["sweep"])
+        grid = ", ".join(f"{r['lr']:.3g}: {'not run yet' if r.get('missing') else seq_fmt(r.get('final_val_loss'))}"
+                         for r in v["sweep"])
+        if best.get("missing"):
+            lines.append(f"| {METHODS[key][0]} | | {grid} | | not run yet | | | | |")
+            continue
         lines.append(f"| {METHODS[key][0]} | {v['best_lr']:.3g} | {grid} | {best['start_val_loss']:.3f} | "
                      f"{seq_fmt(best.get('final_val_loss'))} | {best.get('trainable_params', 0):,} | "
                      f"{best.get('optimizer_state_bytes', 0) / MIB:.2f} | {best.get('peak_train_rss_bytes', 0) / MIB:.1f} | "
@@ -232,6 +236,7 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default=str(ROOT / "runs/finetune_study"))
     ap.add_argument("--out", default=str(ROOT / "docs/results/finetune"))
     ap.add_argument("--label", default=None)
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     hf = Path(args.hf_base) if args.hf_base else prepare_base(args)
     worker = seq.Worker(__file__)
-    study = seq.Study(Path(args.out), worker, key_fields=KEY_FIELDS)
+    study = seq.Study(Path(args.out), seq.missing_run if args.report_only else worker, key_fields=KEY_FIELDS)
     base = dict(task="finetune", base=str(hf), steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                 val_blocks=args.val_blocks, seed=args.seed)
     results = {}

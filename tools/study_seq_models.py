@@ -191,6 +191,11 @@ class Worker:
             self.proc.wait()
 
 
+def missing_run(spec: dict) -> dict:
+    """The run function of --report-only: a run not in runs.jsonl is reported as missing."""
+    return dict(spec, failed=True, missing=True, final_val_loss=None)
+
+
 def serve(train_fn=None) -> None:
     """The worker's loop: a spec per stdin line, ``train_fn(spec)``'s result back as a line."""
     for line in sys.stdin:
@@ -219,6 +224,8 @@ class Study:
         if key not in self.results:
             t0 = time.perf_counter()
             result = self.run_fn(spec)
+            if result.get("missing"):  # --report-only: not trained, not recorded
+                return result
             result["wall_s"] = time.perf_counter() - t0
             with self.path.open("a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -241,7 +248,7 @@ def sweep(study: Study, base: dict, key: str, center: float, max_extensions: int
     runs = {lr: study.get(dict(base, optimizer=key, lr=lr)) for lr in lrs}
     for _ in range(max_extensions):
         best = min(lrs, key=lambda lr: score(runs[lr]))
-        if lrs[0] < best < lrs[-1]:
+        if lrs[0] < best < lrs[-1] or runs[best].get("missing"):
             break
         new = float(f"{(lrs[0] / HALF_DECADE if best == lrs[0] else lrs[-1] * HALF_DECADE):.3g}")
         lrs = sorted(lrs + [new])
@@ -285,6 +292,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs/results/seq_models"))
     ap.add_argument("--label", default=None, help='printed at the top of the report, e.g. "PARTIAL"')
     ap.add_argument("--plan", action="store_true", help="print the runs and a predicted time (one timed run per task)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the finished runs; train nothing (runs not yet done show as missing)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -330,7 +339,7 @@ def main(argv=None) -> int:
     from seq_models_report import write_report
 
     t0 = time.perf_counter()
-    study = Study(Path(args.out), worker)
+    study = Study(Path(args.out), missing_run if args.report_only else worker)
     try:
         results = run_study(args, study)
     finally:
