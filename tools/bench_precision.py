@@ -88,21 +88,21 @@ def measure(args) -> dict:
     )
 
 
-def start_mode(args, mode: str, memory: bool = False) -> subprocess.Popen:
+def start_mode(args, mode: str, lr: float, memory: bool = False) -> subprocess.Popen:
     config, steps, every = (args.memory_config, args.memory_steps, 0) if memory else (args.config, args.steps,
                                                                                          args.eval_every)
     cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(steps), "--eval-every", str(every),
-           "--eval-iters", str(args.eval_iters), "--log-every", str(args.log_every), "--lr", str(args.lr),
+           "--eval-iters", str(args.eval_iters), "--log-every", str(args.log_every), "--lr", str(lr),
            "--config", config]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV),
                             cwd=ROOT)
 
 
-def run_modes(args, memory: bool = False) -> dict:
+def run_modes(args, lr: float, memory: bool = False) -> dict:
     """Every mode in its own process: all at once with --parallel (wall times then share the CPU)."""
     results, running = {}, []
     for mode in args.modes:
-        running.append((mode, start_mode(args, mode, memory)))
+        running.append((mode, start_mode(args, mode, lr, memory)))
         if not args.parallel:
             results.update(_collect([running.pop()], memory))
     results.update(_collect(running, memory))
@@ -126,21 +126,23 @@ def _final(res: dict) -> float:
     return res["val_loss"][max(res["val_loss"], key=int)]
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(curves: dict, path: Path) -> None:
+    """One panel per learning rate: ``curves`` is {lr: {mode: result}}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for mode, res in results.items():
-        steps = sorted(res["val_loss"], key=int)
-        ax.plot([int(s) for s in steps], [res["val_loss"][s] for s in steps], marker="o", ms=3, label=LABELS[mode])
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title("AdaLomo on the tiny GPT (CPU): validation loss by precision")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 4.2), squeeze=False)
+    for ax, (lr, results) in zip(axes[0], curves.items()):
+        for mode, res in results.items():
+            steps = sorted(res["val_loss"], key=int)
+            ax.plot([int(s) for s in steps], [res["val_loss"][s] for s in steps], marker="o", ms=3, label=LABELS[mode])
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"AdaLomo, tiny GPT, lr {lr} (CPU)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -149,9 +151,11 @@ def memory_table(results: dict, args) -> list[str]:
     ref = results["fp32"]
     lines = [
         "", f"## Memory on the GPT of `{args.memory_config}`", "",
-        f"{ref['num_params'] / 1e6:.2f}M parameters, {args.memory_steps} training steps per mode (no validation), "
-        "same recipe: the weights' share of the peak is large enough here to see what each mode saves.", "",
-        "| mode | weights | weights + optimizer state | peak RSS above baseline | s / step |", "|---|---|---|---|---|",
+        f"{ref['num_params'] / 1e6:.2f}M parameters, {args.memory_steps} training steps per mode at lr "
+        f"{args.lrs[0]} (no validation), same recipe: the weights' share of the peak is large enough here to see "
+        "what each mode saves.", "",
+        "| mode | weights | weights + optimizer state | peak RSS above baseline | wall / step (set-up included) |",
+        "|---|---|---|---|---|",
     ]
     for mode, res in results.items():
         lines.append(f"| {LABELS[mode]} | {res['weight_dtype']} | {(res['weight_bytes'] + res['state_bytes']) / MB:.1f} MiB | "
@@ -159,19 +163,45 @@ def memory_table(results: dict, args) -> list[str]:
     return lines
 
 
-def markdown(results: dict, args, command: str, memory: dict | None = None) -> str:
-    ref = results["fp32"]
+def markdown(curves: dict, args, command: str, memory: dict | None = None) -> str:
+    ref = next(iter(curves.values()))["fp32"]
     lines = [
         "# Precision: fp32, bf16 + fp32 masters, pure bf16, pure bf16 + stochastic rounding (CPU)",
         "",
-        f"AdaLomo (lr {args.lr}, cosine schedule, fused backward) on the GPT of `{args.config}` "
+        f"AdaLomo (cosine schedule to 0.1 x lr, fused backward) on the GPT of `{args.config}` "
         f"({ref['num_params'] / 1e6:.2f}M parameters), {args.steps} steps, the same data, seed and "
         f"validation samples ({args.eval_iters} micro-batches every {args.eval_every} steps) in every mode, "
-        "one process each. **Measured on CPU** (no GPU here): the losses are what they are on any device, "
-        "the memory is the process RSS on CPU (bf16 autocast on a GPU keeps other caches).",
+        f"one process each, at lr {' and '.join(str(lr) for lr in curves)}. **Measured on CPU** (no GPU here): "
+        "the losses are what they are on any device, the memory is the process RSS on CPU.",
         "",
         "![validation loss by precision](precision.png)",
+    ]
+    for lr, results in curves.items():
+        lines += curve_tables(lr, results)
+    lines += memory_table(memory, args) if memory else []
+    lines += [
         "",
+        "*weights + optimizer state* are the tensors' own bytes; *peak RSS* is the high-water mark of "
+        "the whole run (build, data, training, validation) above the process after its imports, so it also "
+        "holds activations (bf16 under autocast and in pure bf16), gradients being consumed, the data loader "
+        "and allocator slack. *wall* is the whole run, set-up included, with the modes' processes running at "
+        "the same time on a shared machine.",
+        "",
+        f"Versions: torch {_torch_version()}, Python {platform.python_version()}; CPU: {_cpu()}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (shared machine: wall times are noisy). "
+        "Raw numbers: `precision.json`.",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def curve_tables(lr, results: dict) -> list[str]:
+    lines = [
+        "", f"## lr {lr}", "",
         "| mode | weights | final val loss | best val loss | weights + optimizer state | peak RSS above baseline | wall |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -184,26 +214,9 @@ def markdown(results: dict, args, command: str, memory: dict | None = None) -> s
     lines += ["", "Validation loss at every evaluation:", "",
               "| step | " + " | ".join(LABELS[m] for m in results) + " |",
               "|---|" + "---|" * len(results)]
-    for step in sorted(ref["val_loss"], key=int):
+    for step in sorted(results["fp32"]["val_loss"], key=int):
         lines.append(f"| {step} | " + " | ".join(f"{results[m]['val_loss'][step]:.4f}" for m in results) + " |")
-    lines += memory_table(memory, args) if memory else []
-    lines += [
-        "",
-        "*weights + optimizer state* are the tensors' own bytes; *peak RSS* is the high-water mark of "
-        "the whole run (build, data, training, validation) above the process after its imports, so it also "
-        "holds activations, gradients being consumed, the data loader and allocator slack, the same in "
-        "every mode. On this model the activations dominate; the weights' share is what the modes change.",
-        "",
-        f"Versions: torch {_torch_version()}, Python {platform.python_version()}; CPU: {_cpu()}; "
-        f"load average at the end {os.getloadavg()[0]:.1f} (shared machine: wall times are noisy). "
-        "Raw numbers: `precision.json`.",
-        "",
-        "Command:",
-        "",
-        f"    {command}",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _torch_version() -> str:
@@ -228,7 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-iters", type=int, default=8)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2], help="one curve panel per lr")
+    ap.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)  # of one --mode run
     ap.add_argument("--memory-config", default="configs/gpt_demo.yaml", help="the larger model of the memory table")
     ap.add_argument("--memory-steps", type=int, default=4, help="0: no memory table")
     ap.add_argument("--parallel", action="store_true", help="run the modes' processes at the same time")
@@ -237,15 +251,18 @@ def main(argv=None) -> int:
     if args.mode:
         print(json.dumps(measure(args)))
         return 0
-    results = run_modes(args)
-    memory = run_modes(args, memory=True) if args.memory_steps else {}
+    curves = {}
+    for lr in args.lrs:
+        print(f"-- lr {lr}", flush=True)
+        curves[str(lr)] = run_modes(args, lr)
+    memory = run_modes(args, args.lrs[0], memory=True) if args.memory_steps else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(dict(curves=results, memory=memory), indent=1))
-    if "fp32" in results:
-        plot(results, out / "precision.png")
+    (out / "precision.json").write_text(json.dumps(dict(curves=curves, memory=memory), indent=1))
+    if all("fp32" in results for results in curves.values()):
+        plot(curves, out / "precision.png")
         command = "nice -n 15 python tools/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        (out / "precision.md").write_text(markdown(results, args, command.strip(), memory if "fp32" in memory else None))
+        (out / "precision.md").write_text(markdown(curves, args, command.strip(), memory if "fp32" in memory else None))
     return 0
 
 
