@@ -120,12 +120,14 @@ def test_tp2_trains_like_tp1_resumes_at_either_size_and_exports(tmp_path, optimi
     assert [r["tokens"] for r in _rows(tp2) if "loss" in r] == [r["tokens"] for r in _rows(tp1) if "loss" in r]
 
     # The TP=2 checkpoint holds full (TP=1) tensors, with the TP=1 run's names and shapes.
+    # AdamW's first steps are sign-like (m / sqrt(v)) and amplify round-off in tiny gradients;
+    # memopt's TP layouts keep Adafactor's factored statistics exact (measured 5e-6).
     m1, m2 = _model(tp1 / "checkpoints/step_00000004"), _model(tp2 / "checkpoints/step_00000004")
     assert m1.keys() == m2.keys()
     for k, v in m1.items():
         if torch.is_tensor(v) and v.is_floating_point():
             assert v.shape == m2[k].shape, k
-            assert torch.allclose(v, m2[k], atol=1e-4), k
+            assert (v - m2[k]).abs().max() <= (1e-4 if optimizer == "adamw" else 1e-5), k
 
     # TP=2 -> TP=1: resume TP=2's step 2 in one process; steps 3, 4 continue the TP=2 run.
     resumed1 = tmp_path / "resumed1"
@@ -165,10 +167,12 @@ def test_tp2_dp2_trains_like_tp1_dp2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, optimizer", [("fsdp2", "adamw"), ("fsdp2", "adafactor"), ("deepspeed", "adamw")])
+@pytest.mark.parametrize("engine, optimizer", [("fsdp2", "adamw"), ("fsdp2", "adafactor"), ("deepspeed", "adamw"),
+                                               ("deepspeed", "adafactor")])
 def test_fsdp2_and_deepspeed_under_tp2(tmp_path, engine, optimizer):
     """TP=2 under FSDP2 (a (dp, tp) mesh) and DeepSpeed (megatron's groups as its mpu) trains like
-    TP=1, its checkpoint exports; FSDP2's resumes at TP=1, DeepSpeed's with AdamW refuses in one line."""
+    TP=1, its checkpoint exports; FSDP2's resumes at TP=1, DeepSpeed's through memopt_full.pt (memopt
+    optimizers), with AdamW it refuses another layout in one line."""
     tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
     steps = ["train.steps=3", "checkpoint.every=2", f"optimizer.name={optimizer}"]
     _train(tp1, *steps)
@@ -181,11 +185,16 @@ def test_fsdp2_and_deepspeed_under_tp2(tmp_path, engine, optimizer):
     if engine == "fsdp2":
         _train(resumed, *steps, "engine.kind=fsdp2", f"checkpoint.resume={ckpt2}")
         _assert_close_losses(b, _losses(resumed), [3])
-    else:  # DeepSpeed's files are per (DP, TP) rank; AdamW writes no name-keyed full state
+    elif optimizer == "adamw":  # DeepSpeed's files are per (DP, TP) rank; AdamW has no name-keyed full state
         proc = _torchrun(resumed, 1, *steps, "engine.kind=deepspeed", "engine.zero_stage=1",
                          f"checkpoint.resume={ckpt2}", check=False)
         assert proc.returncode == 1
         assert "written by 2 DeepSpeed ranks at tensor_parallel_size=2 and this run has 1 at 1" in proc.stderr
+    else:  # memopt_full.pt: full weights and the optimizer state by name
+        proc = _torchrun(resumed, 1, *steps, "engine.kind=deepspeed", "engine.zero_stage=1",
+                         f"checkpoint.resume={ckpt2}")
+        assert "resumed on 1 from memopt_full.pt" in proc.stderr + proc.stdout
+        _assert_close_losses(b, _losses(resumed), [3])
 
 
 # -- gradient-norm clipping under TP (2 gloo processes, no trainer) --------------------------------
