@@ -93,12 +93,20 @@ class MemoptTrainer(Trainer):
             raise TypeError(f"memopt_optimizer must be a memopt optimizer or its name, got {type(opt).__name__}")
         if fused and not fusable:
             raise ValueError(f"fused_backward=True needs LOMO or AdaLomo, got {opt if isinstance(opt, str) else type(opt).__name__}")
+        clip = params.get("clip_grad_norm") if isinstance(opt, str) else getattr(opt, "clip_grad_norm", None)
+        if fused and clip is not None:
+            raise ValueError("fused_backward=True under Trainer has one backward per step, and clip_grad_norm needs a "
+                             "norm-only pass first: drop clip_grad_norm (or use fused_backward=False and "
+                             "TrainingArguments(max_grad_norm=...))")
 
     def _check_args(self) -> None:
         args = self.args
         if self.is_fsdp_enabled and int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)) != 2:
             raise ValueError("memopt under FSDP needs FSDP2's per-parameter shards: set "
                              "fsdp_config={'fsdp_version': 2} (FSDP1's flat parameters would change the algorithm)")
+        if self.is_deepspeed_enabled and "optimizer" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+            raise ValueError("the DeepSpeed config has an optimizer section, which Trainer would use instead of the "
+                             "memopt optimizer: remove it (memopt_optimizer= chooses the optimizer)")
         if not self.fused_backward:
             return
         if self.is_deepspeed_enabled:

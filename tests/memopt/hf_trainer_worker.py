@@ -94,7 +94,16 @@ def deepspeed_runs(out: Path) -> dict:
 
     # CPU: keep DeepSpeed from JIT-compiling its shared-memory all-reduce (gloo is enough).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    res = {}
+    res = {"errors": {}}
+    # 0. what Trainer cannot honour under DeepSpeed is refused before anything runs
+    refused = {"optimizer_section": (dict(DS_CONFIG, optimizer={"type": "AdamW", "params": {"lr": LR}}), {}),
+               "fused": (dict(DS_CONFIG), {"fused_backward": True})}
+    for case, (cfg, kw) in refused.items():
+        try:
+            MemoptTrainer(tiny_gpt2(), args=training_args(out / "refused", deepspeed=cfg, max_grad_norm=0.0),
+                          train_dataset=dataset(), memopt_optimizer="adalomo", **kw)
+        except ValueError as e:
+            res["errors"][case] = str(e)
     # 1. MemoptTrainer under ZeRO-2, uninterrupted, a checkpoint at SAVE_AT
     model = tiny_gpt2()
     rec = Recorder(model)

@@ -88,6 +88,14 @@ def test_deepspeed_zero2_trainer_equals_memopt_initialize(deepspeed_results):
     assert _max_diff(deepspeed_results[0]["trainer"], deepspeed_results[1]["trainer"]) == 0.0
 
 
+def test_deepspeed_refusals_are_one_line(deepspeed_results):
+    for r in deepspeed_results:
+        errors = r["errors"]
+        assert "optimizer section" in errors["optimizer_section"] and "remove it" in errors["optimizer_section"]
+        assert "not available under DeepSpeed" in errors["fused"]
+        assert all("\n" not in e for e in errors.values())
+
+
 def test_deepspeed_trainer_checkpoint_resumes_exactly(deepspeed_results):
     for rank, r in enumerate(deepspeed_results):
         assert r["checkpoints"] == [f"checkpoint-{w.SAVE_AT}", f"checkpoint-{w.STEPS}"]
@@ -198,8 +206,11 @@ def test_adafactor_defaults_get_adafactor_schedule():
     (dict(memopt_optimizer="adalomo", fused_backward=True), {"max_grad_norm": 1.0}, r"max_grad_norm=0"),
     (dict(memopt_optimizer="adalomo", fused_backward=True), {"max_grad_norm": 0.0, "gradient_accumulation_steps": 2},
      "gradient_accumulation_steps=1"),
+    (dict(memopt_optimizer="adalomo", fused_backward=True, memopt_params={"clip_grad_norm": 1.0}),
+     {"max_grad_norm": 0.0}, "drop clip_grad_norm"),
     (dict(), {}, "needs memopt_optimizer="),
-], ids=["lr", "weight_decay", "unknown", "torch", "fused_adafactor", "fused_clip", "fused_accum", "none"])
+], ids=["lr", "weight_decay", "unknown", "torch", "fused_adafactor", "fused_clip", "fused_accum", "fused_own_clip",
+        "none"])
 def test_bad_requests_are_one_line(kw, args, match):
     from memopt.integrations.hf import MemoptTrainer
 
