@@ -48,6 +48,8 @@ LABELS = {
 ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1",
            HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 MB = 2**20
+# What the report says about a run; saved with its numbers, so --render needs no flags.
+SETTINGS = ("config", "steps", "eval_every", "eval_iters", "lrs", "memory_config", "memory_steps")
 
 
 def run_overrides(args, out_dir: str, mode: str) -> list[str]:
@@ -175,6 +177,11 @@ def markdown(curves: dict, args, command: str, memory: dict | None = None) -> st
         "the losses are what they are on any device, the memory is the process RSS on CPU.",
         "",
         "![validation loss by precision](precision.png)",
+        "",
+        "Why pure bf16 needs the rounding: AdaLomo's update is about lr x RMS(W) per element, i.e. about lr "
+        "of a typical weight, while half a bf16 step is 2^-9 to 2^-8 (0.2-0.4%) of it. At lr 1e-3 (and the "
+        "cosine tail of any lr) most updates round back to the old weight when rounded to nearest; rounded "
+        "stochastically they survive in expectation (memopt/stochastic_rounding.py, docs/ALGORITHMS.md).",
     ]
     for lr, results in curves.items():
         lines += curve_tables(lr, results)
@@ -188,7 +195,8 @@ def markdown(curves: dict, args, command: str, memory: dict | None = None) -> st
         "the same time on a shared machine.",
         "",
         f"Versions: torch {_torch_version()}, Python {platform.python_version()}; CPU: {_cpu()}; "
-        f"load average at the end {os.getloadavg()[0]:.1f} (shared machine: wall times are noisy). "
+        f"load average {getattr(args, 'load_average', None) or f'{os.getloadavg()[0]:.1f}'} at the end of the runs "
+        "(shared machine: wall times are noisy). "
         "Raw numbers: `precision.json`.",
         "",
         "Command:",
@@ -205,6 +213,7 @@ def curve_tables(lr, results: dict) -> list[str]:
         "| mode | weights | final val loss | best val loss | weights + optimizer state | peak RSS above baseline | wall |",
         "|---|---|---|---|---|---|---|",
     ]
+    fp32 = _final(results["fp32"])
     for mode, res in results.items():
         best = min(res["val_loss"].values())
         lines.append(
@@ -216,7 +225,8 @@ def curve_tables(lr, results: dict) -> list[str]:
               "|---|" + "---|" * len(results)]
     for step in sorted(results["fp32"]["val_loss"], key=int):
         lines.append(f"| {step} | " + " | ".join(f"{results[m]['val_loss'][step]:.4f}" for m in results) + " |")
-    return lines
+    gaps = ", ".join(f"{LABELS[m]} {_final(results[m]) - fp32:+.4f}" for m in results if m != "fp32")
+    return lines + ["", f"Final validation loss minus fp32's: {gaps}."]
 
 
 def _torch_version() -> str:
@@ -247,7 +257,12 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-steps", type=int, default=4, help="0: no memory table")
     ap.add_argument("--parallel", action="store_true", help="run the modes' processes at the same time")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks"), help="where precision.{md,json,png} go")
+    ap.add_argument("--render", action="store_true", help="rewrite precision.md/png from precision.json, no runs")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads((Path(args.out) / "precision.json").read_text())
+        vars(args).update(saved["settings"])  # the run's own settings, whatever this command line says
+        return write_report(saved["curves"], saved["memory"], args, saved["command"])
     if args.mode:
         print(json.dumps(measure(args)))
         return 0
@@ -256,13 +271,20 @@ def main(argv=None) -> int:
         print(f"-- lr {lr}", flush=True)
         curves[str(lr)] = run_modes(args, lr)
     memory = run_modes(args, args.lrs[0], memory=True) if args.memory_steps else {}
+    command = "nice -n 15 python tools/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(dict(curves=curves, memory=memory), indent=1))
+    settings = dict({k: getattr(args, k) for k in SETTINGS}, load_average=f"{os.getloadavg()[0]:.1f}")
+    (out / "precision.json").write_text(json.dumps(dict(curves=curves, memory=memory, command=command.strip(),
+                                                        settings=settings), indent=1))
+    return write_report(curves, memory, args, command.strip())
+
+
+def write_report(curves: dict, memory: dict, args, command: str) -> int:
+    out = Path(args.out)
     if all("fp32" in results for results in curves.values()):
         plot(curves, out / "precision.png")
-        command = "nice -n 15 python tools/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        (out / "precision.md").write_text(markdown(curves, args, command.strip(), memory if "fp32" in memory else None))
+        (out / "precision.md").write_text(markdown(curves, args, command, memory if "fp32" in memory else None))
     return 0
 
 
