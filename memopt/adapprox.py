@@ -22,16 +22,21 @@ from .base import (
 from .sharding import Reducer
 from .adapprox_ops import (  # noqa: F401  (sketch_seed, VHAT_FLOORS: part of this module's API)
     VHAT_FLOORS,
+    apply_masked_update,
+    apply_update,
     check_hparams,
     clip_scale,
     clip_scale_t,
     complete_product,
+    corrections,
+    first_moment,
     local_error_and_uhat,
     partial_product,
     sketch_seed,
     uhat_,
 )
-from .lowrank import answer_requests, next_rank, relative_error, residual_norms_, s_rsi_steps, second_moment_operator
+from .lowrank import (answer_requests, next_rank, project_steps, relative_error, residual_norms_, s_rsi_steps,
+                      second_moment_operator)
 
 
 class Adapprox(MemoptOptimizer):
@@ -73,12 +78,9 @@ class Adapprox(MemoptOptimizer):
         eps: added to sqrt(Vhat) in the denominator (default 1e-8).
         weight_decay: decoupled: W -= lr * weight_decay * W (default 0; the rebuttal runs used 0.01).
         clip_threshold: d of the RMS clip (default 1.0).
-        k_max: largest rank (default 16). Why 16 and not the paper's 256: on a 1.1B GPT-2 the
-            authors' rebuttal found k_max = 16 (xi = 5e-4) *better* than 256 (xi = 1e-3), and
-            the mean ranks they report during training are ~1.4 (GPT-2 117M) and ~7.7 (BERT
-            345M), so a cap of 16 rarely binds after the first steps while it bounds the state
-            at 16 (m + n) per matrix and the sketch cost, which scales with k + oversampling
-            (at 256 the rebuttal's own timings show a 2x slower GPT-2 125M step).
+        k_max: largest rank (default 16, not the paper's 256: the authors' rebuttal found 16
+            better on a 1.1B GPT-2 and mean ranks in training stay far below it;
+            docs/adapprox.md, "Options and defaults").
         k_min: smallest rank (default 1).
         k_init: rank of the first sketch (default k_max: start accurate, let AS-RSI shrink it).
         xi: error threshold of the rank rule (default 1e-3). The error is computed from the
@@ -90,13 +92,15 @@ class Adapprox(MemoptOptimizer):
             of every matrix, and every step when ``warm_start=False``.
         warm_start: start the subspace iteration from last step's Q (plus ``oversampling`` and
             any newly granted rank columns of fresh Gaussian directions) instead of a fresh
-            Gaussian sketch; it then runs ``warm_power_iters`` iterations. Not in the paper.
-            On (default) because it measured as accurate as the cold l=5 sketch at a quarter
-            of the products (3 instead of 12 passes over G*G): mean error within 0.1% of the
-            optimal rank-k error for both, on an MLP trajectory and on i.i.d. random gradients;
-            worst single step 3.9% vs 0.5% above optimal, right after a forced 10x jump of the
-            gradient scale (docs/adapprox.md). ``warm_start=False`` is the paper's procedure.
+            Gaussian sketch, for ``warm_power_iters`` iterations. Not in the paper; on by default
+            because it measured as accurate as the cold l=5 sketch at a quarter of the products
+            (docs/adapprox.md, "Warm-started sketches"). ``warm_start=False`` is the paper's procedure.
         warm_power_iters: power iterations of a warm sketch (default 1).
+        resketch_every: sketch (and decide the rank) every this many steps of a parameter
+            (default 1: every step, the paper's procedure). In between, the basis Q is kept
+            and U = V_t^T Q is updated with one product (Q U^T is then the exact projection of
+            V_t onto the last sketch's column space); the error and the rank are not recomputed
+            (docs/adapprox.md, "Amortized sketches", has what it costs in approximation error).
         bias_correction: Adam's bias corrections, off by default (the paper's algorithm as far as
             it is public has none). When on, the update uses V_t / (1 - beta2^t) in place of V_t
             and M_t / (1 - beta1^t) in place of M_t, exactly as Adam does; the stored state is
@@ -104,14 +108,9 @@ class Adapprox(MemoptOptimizer):
             small (V_1 = (1-beta2) G*G) and the RMS clip bounds the resulting large Uhat, while
             the uncorrected M starts at (1-beta1) Uhat, which acts as a short warm-up.
         vhat_floor: "grad" (default) uses Vhat = max(Q U^T, (1-beta2) G*G); "zero" is the
-            contract's literal max(Q U^T, 0). The exact V_t = beta2 V_{t-1} + (1-beta2) G*G is
-            never below (1-beta2) G*G, so the floor only moves Vhat towards the truth, and it
-            restores Adam's bound |Uhat| <= 1/sqrt(1-beta2). Without it, wherever the rank-k
-            product dips to <= 0 while G != 0, Uhat = G/eps is ~1e5 times too large, the RMS
-            clip then shrinks every other entry, and training stalls: on a 1024 x 256 -> 128
-            least-squares problem "zero" stays at loss 1.13 (from 1.33) after 200 steps where
-            "grad" and AdamW reach 7.5e-5 (docs/adapprox.md). At rank 1 "zero" works too: the
-            best rank-1 approximation of a nonnegative matrix is nonnegative.
+            contract's literal max(Q U^T, 0). The true V_t is never below (1-beta2) G*G, so the
+            floor only moves Vhat towards the truth and restores Adam's bound on |Uhat|; without
+            it training can stall where Q U^T dips to <= 0 (docs/adapprox.md, "Vhat floor").
         seed: global seed of the random sketches. The sketch of parameter i (its position in
             the flattened param_groups) at its step t is drawn from a private
             torch.Generator seeded with ``sketch_seed(seed, t, i)``: reproducible, identical on
@@ -156,6 +155,7 @@ class Adapprox(MemoptOptimizer):
         power_iters: int = 5,
         warm_start: bool = True,
         warm_power_iters: int = 1,
+        resketch_every: int = 1,
         bias_correction: bool = False,
         vhat_floor: str = "grad",
         seed: int = 0,
@@ -167,7 +167,7 @@ class Adapprox(MemoptOptimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             clip_threshold=clip_threshold, k_max=k_max, k_min=k_min, k_init=k_init, xi=xi, dk=dk,
             oversampling=oversampling, power_iters=power_iters, warm_start=warm_start,
-            warm_power_iters=warm_power_iters, bias_correction=bias_correction,
+            warm_power_iters=warm_power_iters, resketch_every=resketch_every, bias_correction=bias_correction,
             vhat_floor=vhat_floor, seed=seed,
         )
         self._extra_indices = 0
@@ -277,7 +277,7 @@ class Adapprox(MemoptOptimizer):
             w["u_prev"] = st["U"].reshape(B, n, k_prev)
             # Typical size of G*G: keeps the error's norms in fp32 range (see _update_matrix).
             w["scale"] = float(red.get(w["g2"])) / L.numel or 1.0
-            w["k"], sketch = self._sketch(w["q_prev"], (B, m, n), st, u.group, u.step, w["s"].device)
+            w["k"], sketch, w["fresh"] = self._sketch(w["q_prev"], (B, m, n), st, u.group, u.step, w["s"].device)
             sketches[id(u)] = (sketch, next(sketch))
         by_id = {id(u): u for u in units}
         while sketches:
@@ -305,7 +305,7 @@ class Adapprox(MemoptOptimizer):
                 continue
             L, st, w, grp = u.layout, u.state, work[id(u)], u.group
             beta2 = grp["betas"][1]
-            c2, eps, _ = self._corrections(grp, u.step)
+            c2, eps, _ = corrections(grp, u.step)
             if not L.factored:
                 v = st["exp_avg_sq"]
                 v.mul_(beta2).add_(w["s"], alpha=1.0 - beta2)
@@ -314,8 +314,10 @@ class Adapprox(MemoptOptimizer):
                 continue
             else:
                 w["uhat"], v2, r2 = local_error_and_uhat(
-                    L, w["s"], u.grad, w["q_prev"], w["u_prev"], w["q"], w["u"], grp, eps, w["scale"])
-                w["v2"], w["r2"] = red.add(v2), red.add(r2)
+                    L, w["s"], u.grad, w["q_prev"], w["u_prev"], w["q"], w["u"], grp, eps, w["scale"],
+                    with_error=w["fresh"])
+                if w["fresh"]:
+                    w["v2"], w["r2"] = red.add(v2), red.add(r2)
             w["u2"] = red.add(w["uhat"].square().sum())
         red.run()
 
@@ -325,21 +327,25 @@ class Adapprox(MemoptOptimizer):
             if not fine or L.numel == 0:
                 applied.append(fine)
                 continue
-            c2, _, step_size = self._corrections(grp, u.step)
+            c2, _, step_size = corrections(grp, u.step)
             u_sq = red.get(w["u2"]).double().sum()
             if L.factored:
-                v2, r2 = red.get(w["v2"]).double(), red.get(w["r2"]).double()
-                error = torch.where(v2 == 0, 0.0, (r2 / v2).sqrt()).max()
-                if not is_finite(torch.stack([error, u_sq])):
+                checks = [u_sq]
+                if w["fresh"]:
+                    v2, r2 = red.get(w["v2"]).double(), red.get(w["r2"]).double()
+                    error = torch.where(v2 == 0, 0.0, (r2 / v2).sqrt()).max()
+                    checks.append(error)
+                if not is_finite(torch.stack(checks)):
                     applied.append(False)
                     continue
                 k = w["k"]
                 q = w["q"].reshape(L.rows_total, k)
                 st["Q"] = q[L.row_lo:L.row_hi].clone() if L.row_sharded else q
                 st["U"] = w["u"].view(*L.full_shape[:-2], L.n, k)
-                self._next_rank(st, grp, k, float(error), *self._rank_limits(L.m, L.n, grp))
+                if w["fresh"]:
+                    self._next_rank(st, grp, k, float(error), *self._rank_limits(L.m, L.n, grp))
             u_scale = clip_scale(c2, math.sqrt(float(u_sq) / L.numel), grp)
-            self._apply(u.param, w["uhat"], self._first_moment(u.param, st, grp), u_scale, grp, step_size)
+            apply_update(u.param, w["uhat"], first_moment(u.param, st, grp), u_scale, grp, step_size)
             applied.append(True)
         return applied
 
@@ -352,7 +358,8 @@ class Adapprox(MemoptOptimizer):
 
     # -- the update -----------------------------------------------------------------------
     def _sketch(self, q_prev, dims, state, group, step, device):
-        """(k, S-RSI request generator) of one parameter's sketch this step.
+        """(k, request generator, fresh) of one parameter's sketch this step: S-RSI (fresh) or,
+        between sketches, the projection onto last step's basis (``lowrank.project_steps``).
 
         ``q_prev`` is last step's full Q (B, m, k_prev); ``dims`` = (B, m, n). The random
         blocks are drawn at their full size from the parameter's private generator, so a
@@ -360,6 +367,8 @@ class Adapprox(MemoptOptimizer):
         """
         B, m, n = dims
         k_prev = q_prev.shape[-1]
+        if not self._resketches(k_prev, group, step):
+            return k_prev, project_steps(q_prev), False
         k_min, k_max = self._rank_limits(m, n, group)
         # Clamp: a loaded state or a changed group may carry a rank outside today's limits.
         k = max(k_min, min(state["rank"], k_max))
@@ -372,9 +381,15 @@ class Adapprox(MemoptOptimizer):
             keep = q_prev[..., :r]
             fill = torch.randn(B, m, r - keep.shape[-1], generator=gen, device=device)
             q_start = torch.linalg.qr(torch.cat([keep, fill], dim=-1)).Q
-            return k, s_rsi_steps(k, group["warm_power_iters"], q_start=q_start)
+            return k, s_rsi_steps(k, group["warm_power_iters"], q_start=q_start), True
         omega = torch.randn(B, n, r, generator=gen, device=device)
-        return k, s_rsi_steps(k, group["power_iters"], omega=omega)
+        return k, s_rsi_steps(k, group["power_iters"], omega=omega), True
+
+    @staticmethod
+    def _resketches(k_prev: int, group: dict, step: int) -> bool:
+        """Whether this step sketches anew (and decides the rank) or keeps last sketch's basis:
+        the first step, then every ``resketch_every`` steps (``step`` counts from 1)."""
+        return k_prev == 0 or (step - 1) % group["resketch_every"] == 0
 
     @staticmethod
     def _next_rank(state, group, k, error, k_min, k_max) -> None:
@@ -409,12 +424,12 @@ class Adapprox(MemoptOptimizer):
         if not pending:
             return []
         oks = torch.stack([x[4] for x in pending])
-        errors = [x[5][3].to(torch.float64) for x in pending if x[5] is not None]
+        errors = [x[5][3].to(torch.float64) for x in pending if x[5] is not None and x[5][3] is not None]
         flags = torch.cat([oks.to(torch.float64)] + [e.reshape(1) for e in errors]).tolist()  # the one sync
         error_of = iter(flags[len(pending):])
         failed = None
         for (p, state, group, step, _ok, sketch), applied in zip(pending, flags):
-            error = next(error_of) if sketch is not None else None
+            error = next(error_of) if sketch is not None and sketch[3] is not None else None
             if applied:
                 state["step"] = step
                 if sketch is not None:
@@ -422,7 +437,8 @@ class Adapprox(MemoptOptimizer):
                     m, n = p.shape[-2], p.shape[-1]
                     state["Q"] = q.view(*p.shape[:-1], k)
                     state["U"] = u.view(*p.shape[:-2], n, k)
-                    self._next_rank(state, group, k, error, *self._rank_limits(m, n, group))
+                    if error is not None:
+                        self._next_rank(state, group, k, error, *self._rank_limits(m, n, group))
             elif gate is None or bool(gate):
                 state["nonfinite_skips"] = host_int(state["nonfinite_skips"]) + 1
                 if group["on_nonfinite"] == "raise" and failed is None:
@@ -437,10 +453,10 @@ class Adapprox(MemoptOptimizer):
     def _device_update(self, p, grad, state, group, step):
         """The reference update with device-side decisions: returns (ok, sketch), ok a 0-d bool;
         p and the element-wise state are updated where ok (masks), Q and U not at all: sketch is
-        (Q, U, k, error) for the caller to commit, None for a vector."""
+        (Q, U, k, error) for the caller to commit (error None between sketches), None for a vector."""
         if p.numel() == 0:
             return torch.ones((), dtype=torch.bool, device=p.device), None
-        c2, eps, step_size = self._corrections(group, step)
+        c2, eps, step_size = corrections(group, step)
         if p.dim() < 2:
             beta2 = group["betas"][1]
             g2 = grad * grad
@@ -450,7 +466,7 @@ class Adapprox(MemoptOptimizer):
             uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
             u_rms = rms(uhat)
             ok = ok & torch.isfinite(u_rms)
-            self._apply_masked(p, uhat.masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
+            apply_masked_update(p, uhat.masked_fill_(~ok, 0.0), first_moment(p, state, group),
                                clip_scale_t(c2, u_rms, group), group, step_size, ok)
             return ok, None
         m, n = p.shape[-2], p.shape[-1]
@@ -466,31 +482,20 @@ class Adapprox(MemoptOptimizer):
         q_prev = state["Q"].view(B, m, k_prev)
         u_prev = state["U"].view(B, n, k_prev)
         apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
-        k, sketch = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
+        k, sketch, fresh = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
         q, u = answer_requests(sketch, apply_v, apply_vt)
-        v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
-        error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+        error = None
+        if fresh:
+            v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
+            error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+            ok = ok & torch.isfinite(error)
         uhat = uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
         u_sq = torch.linalg.vector_norm(uhat).double().square()
-        ok = ok & torch.isfinite(error) & torch.isfinite(u_sq)
+        ok = ok & torch.isfinite(u_sq)
         u_rms = (u_sq / p.numel()).sqrt().float()
-        self._apply_masked(p, uhat.view(p.shape).masked_fill_(~ok, 0.0), self._first_moment(p, state, group),
+        apply_masked_update(p, uhat.view(p.shape).masked_fill_(~ok, 0.0), first_moment(p, state, group),
                            clip_scale_t(c2, u_rms, group), group, step_size, ok)
         return ok, (q, u, k, error)
-
-    @staticmethod
-    def _apply_masked(w, uhat, exp_avg, u_scale, group, step_size, ok) -> None:
-        """``_apply`` with a device ``u_scale`` and mask ``ok`` (``uhat`` already 0 where not ok)."""
-        beta1 = group["betas"][0]
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        u_scale = torch.where(ok, u_scale, 0.0)  # 0 * nan would be nan
-        if decay != 1.0:
-            w.mul_(torch.where(ok, decay, 1.0))
-        if exp_avg is None:
-            w.addcmul_(uhat, u_scale * -group["lr"])
-        else:
-            exp_avg.mul_(torch.where(ok, beta1, 1.0)).addcmul_(uhat, u_scale * (1.0 - beta1))
-            w.addcmul_(exp_avg, torch.where(ok, -step_size, 0.0))
 
     def _update(self, p, grad, state, group, step):
         if p.numel() == 0:
@@ -499,44 +504,6 @@ class Adapprox(MemoptOptimizer):
             return self._update_matrix(p, grad, state, group, step)
         return self._update_vector(p, grad, state, group, step)
 
-    @staticmethod
-    def _corrections(group: dict, step: int) -> tuple[float, float, float]:
-        """(c2, eps', step size) for bias correction.
-
-        G / (sqrt(V / c2^2) + eps) = c2 * G / (sqrt(V) + c2 * eps) with c2 = sqrt(1 - beta2^t):
-        the correction becomes a scalar on Uhat and on eps instead of a pass over m x n.
-        """
-        beta1, beta2 = group["betas"]
-        if not group["bias_correction"]:
-            return 1.0, group["eps"], group["lr"]
-        c2 = math.sqrt(1.0 - beta2**step)
-        step_size = group["lr"] / (1.0 - beta1**step) if beta1 > 0 else group["lr"]
-        return c2, group["eps"] * c2, step_size
-
-    @staticmethod
-    def _first_moment(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
-        if group["betas"][0] == 0:
-            return None
-        if "exp_avg" not in state:  # beta1 switched on after the state was created
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return state["exp_avg"]
-
-    @staticmethod
-    def _apply(w, uhat, exp_avg, u_scale, group, step_size) -> None:
-        """Steps 6-7 on same-shaped w, uhat, exp_avg (None when beta1 = 0).
-
-        The true (clipped, bias-corrected) Uhat is u_scale * uhat: one scalar, no extra pass.
-        """
-        beta1 = group["betas"][0]
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        if decay != 1.0:
-            w.mul_(decay)  # W - lr*wd*W, with the W from before this step
-        if exp_avg is None:
-            w.add_(uhat, alpha=-group["lr"] * u_scale)
-        else:
-            exp_avg.mul_(beta1).add_(uhat, alpha=(1.0 - beta1) * u_scale)
-            w.add_(exp_avg, alpha=-step_size)
-
     def _update_vector(self, p, grad, state, group, step):
         beta2 = group["betas"][1]
         g2 = grad * grad
@@ -544,10 +511,10 @@ class Adapprox(MemoptOptimizer):
             return False
         v = state["exp_avg_sq"]
         v.mul_(beta2).add_(g2, alpha=1.0 - beta2)
-        c2, eps, step_size = self._corrections(group, step)
+        c2, eps, step_size = corrections(group, step)
         uhat = torch.div(grad, torch.sqrt(v, out=g2).add_(eps), out=g2)
         u_scale = clip_scale(c2, float(rms(uhat)), group)
-        self._apply(p, uhat, self._first_moment(p, state, group), u_scale, group, step_size)
+        apply_update(p, uhat, first_moment(p, state, group), u_scale, group, step_size)
         return True
 
     def _update_matrix(self, p, grad, state, group, step):
@@ -572,25 +539,29 @@ class Adapprox(MemoptOptimizer):
         u_prev = state["U"].view(B, n, k_prev)
         k_min, k_max = self._rank_limits(m, n, group)
         apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
-        k, sketch = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
+        k, sketch, fresh = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
         q, u = answer_requests(sketch, apply_v, apply_vt)
 
-        # -- error, then Vhat and Uhat, all in the scratch buffer ----------------------------
-        c2, eps, step_size = self._corrections(group, step)
-        v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
-        # AS-RSI. A stack's error is that of its worst matrix.
-        error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+        # -- error (sketch steps only), then Vhat and Uhat, all in the scratch buffer ---------
+        c2, eps, step_size = corrections(group, step)
+        checks = []
+        if fresh:
+            v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
+            # AS-RSI. A stack's error is that of its worst matrix.
+            error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
+            checks.append(error)
         uhat = uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
         u_sq = torch.linalg.vector_norm(uhat).double().square()
         # The last guard before the state changes: an overflow inside the products or the
         # update shows up here as inf/nan.
-        if not is_finite(torch.stack([error, u_sq])):
+        if not is_finite(torch.stack([*checks, u_sq])):
             return False
 
         # -- commit ------------------------------------------------------------------------
         state["Q"] = q.view(*p.shape[:-1], k)
         state["U"] = u.view(*p.shape[:-2], n, k)
-        self._next_rank(state, group, k, float(error), k_min, k_max)
+        if fresh:
+            self._next_rank(state, group, k, float(error), k_min, k_max)
         u_scale = clip_scale(c2, math.sqrt(float(u_sq) / p.numel()), group)
-        self._apply(p, uhat.view(p.shape), self._first_moment(p, state, group), u_scale, group, step_size)
+        apply_update(p, uhat.view(p.shape), first_moment(p, state, group), u_scale, group, step_size)
         return True

@@ -5,6 +5,7 @@ of tensors and a param group.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -84,20 +85,22 @@ def complete_product(L, reduced, kind, x, q_prev, u_prev, beta2) -> torch.Tensor
     return out.mT
 
 
-def local_error_and_uhat(L, s, g, q_prev, u_prev, q, u, group, eps, scale):
+def local_error_and_uhat(L, s, g, q_prev, u_prev, q, u, group, eps, scale, with_error: bool = True):
     """On the local elements: squared norms of V and of V - Q U^T per matrix (partial sums,
-    (B,) each) and Uhat, written over ``s`` (G*G), as ``Adapprox._update_matrix`` does in one piece."""
+    (B,) each; None without ``with_error``: between sketches) and Uhat, written over ``s``
+    (G*G), as ``Adapprox._update_matrix`` does in one piece."""
     beta2 = group["betas"][1]
-    v2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
-    r2 = torch.zeros(L.B, dtype=torch.float64, device=s.device)
+    v2 = torch.zeros(L.B, dtype=torch.float64, device=s.device) if with_error else None
+    r2 = torch.zeros(L.B, dtype=torch.float64, device=s.device) if with_error else None
     gflat = g.reshape(-1)
     for pc, blk in L.blocks(s):
         lo = pc.row - pc.mat * L.m
         rows, cols = slice(lo, lo + pc.rows), slice(pc.col, pc.col + pc.cols)
-        vn, rn = residual_norms_(blk[None], q_prev[pc.mat, rows][None], u_prev[pc.mat, cols][None],
-                                 q[pc.mat, rows][None], u[pc.mat, cols][None], beta2, scale=scale)
-        v2[pc.mat] += vn.double().square().sum()
-        r2[pc.mat] += rn.double().square().sum()
+        if with_error:
+            vn, rn = residual_norms_(blk[None], q_prev[pc.mat, rows][None], u_prev[pc.mat, cols][None],
+                                     q[pc.mat, rows][None], u[pc.mat, cols][None], beta2, scale=scale)
+            v2[pc.mat] += vn.double().square().sum()
+            r2[pc.mat] += rn.double().square().sum()
         g_blk = gflat[pc.off:pc.off + pc.rows * pc.cols].view(pc.rows, pc.cols)
         uhat_(torch.mm(q[pc.mat, rows], u[pc.mat, cols].T, out=blk), g_blk, group, eps)
     return s, v2, r2
@@ -152,6 +155,7 @@ def check_hparams(g: dict) -> None:
     check_int("oversampling", g["oversampling"], 0)
     check_int("power_iters", g["power_iters"], 0)
     check_int("warm_power_iters", g["warm_power_iters"], 0)
+    check_int("resketch_every", g["resketch_every"], 1)
     for name in ("warm_start", "bias_correction"):
         if not isinstance(g[name], bool):
             raise ValueError(f"{name} must be True or False, got {g[name]!r}")
@@ -159,3 +163,53 @@ def check_hparams(g: dict) -> None:
         raise ValueError(f"vhat_floor must be one of {VHAT_FLOORS}, got {g['vhat_floor']!r}")
     if isinstance(g["seed"], bool) or not isinstance(g["seed"], int):
         raise ValueError(f"seed must be an integer, got {g['seed']!r}")
+
+
+# -- steps 5-7 (shared by the three paths) ----------------------------------------------------
+def apply_masked_update(w, uhat, exp_avg, u_scale, group, step_size, ok) -> None:
+    """``apply_update`` with a device ``u_scale`` and mask ``ok`` (``uhat`` already 0 where not ok)."""
+    beta1 = group["betas"][0]
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    u_scale = torch.where(ok, u_scale, 0.0)  # 0 * nan would be nan
+    if decay != 1.0:
+        w.mul_(torch.where(ok, decay, 1.0))
+    if exp_avg is None:
+        w.addcmul_(uhat, u_scale * -group["lr"])
+    else:
+        exp_avg.mul_(torch.where(ok, beta1, 1.0)).addcmul_(uhat, u_scale * (1.0 - beta1))
+        w.addcmul_(exp_avg, torch.where(ok, -step_size, 0.0))
+
+def corrections(group: dict, step: int) -> tuple[float, float, float]:
+    """(c2, eps', step size) for bias correction.
+
+    G / (sqrt(V / c2^2) + eps) = c2 * G / (sqrt(V) + c2 * eps) with c2 = sqrt(1 - beta2^t):
+    the correction becomes a scalar on Uhat and on eps instead of a pass over m x n.
+    """
+    beta1, beta2 = group["betas"]
+    if not group["bias_correction"]:
+        return 1.0, group["eps"], group["lr"]
+    c2 = math.sqrt(1.0 - beta2**step)
+    step_size = group["lr"] / (1.0 - beta1**step) if beta1 > 0 else group["lr"]
+    return c2, group["eps"] * c2, step_size
+
+def first_moment(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    if group["betas"][0] == 0:
+        return None
+    if "exp_avg" not in state:  # beta1 switched on after the state was created
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    return state["exp_avg"]
+
+def apply_update(w, uhat, exp_avg, u_scale, group, step_size) -> None:
+    """Steps 6-7 on same-shaped w, uhat, exp_avg (None when beta1 = 0).
+
+    The true (clipped, bias-corrected) Uhat is u_scale * uhat: one scalar, no extra pass.
+    """
+    beta1 = group["betas"][0]
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    if decay != 1.0:
+        w.mul_(decay)  # W - lr*wd*W, with the W from before this step
+    if exp_avg is None:
+        w.add_(uhat, alpha=-group["lr"] * u_scale)
+    else:
+        exp_avg.mul_(beta1).add_(uhat, alpha=(1.0 - beta1) * u_scale)
+        w.add_(exp_avg, alpha=-step_size)

@@ -95,6 +95,14 @@ def s_rsi_steps(
     return q, u.contiguous()
 
 
+def project_steps(q: torch.Tensor) -> Generator[tuple[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The amortized step between sketches, as a request generator like ``s_rsi_steps``: keep the
+    orthonormal basis ``q`` (B, m, k) and return (q, U = V^T q), one product. Q U^T = q q^T V is
+    then the exact projection of this step's V onto last sketch's column space."""
+    u = yield "vt", q
+    return q, u.contiguous()
+
+
 def s_rsi(
     apply_v: MatMul,
     apply_vt: MatMul,

@@ -40,6 +40,8 @@ CASES = {
     # Low rank (truncation matters), cold sketches every step (12 product rounds), the options.
     "adapprox_k2_cold": ("adapprox", dict(lr=1e-3, k_max=2, warm_start=False, bias_correction=True,
                                           weight_decay=0.1, betas=(0.9, 0.99)), False),
+    # Sketches every 3rd step, the projection onto the kept basis in between (one product round).
+    "adapprox_resketch3": ("adapprox", dict(lr=1e-3, resketch_every=3), False),
     # The sync-free path (foreach=True) against the reference path's single process: whole
     # parameters (DDP) take it, sharded ones (FSDP2, ZeRO) keep their phased step with the flag.
     "came_foreach": ("came", dict(lr=1e-2, weight_decay=0.01, foreach=True), False),

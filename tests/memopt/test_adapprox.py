@@ -150,6 +150,14 @@ def _reference_step(w, grad, st, hp, step, index):
         v = (1 - beta2) * g**2
         if st["Q"] is not None:
             v = v + beta2 * st["Q"] @ st["U"].mT
+        if st["Q"] is not None and (step - 1) % hp["resketch_every"]:
+            # Between sketches: the basis is kept, U = V^T Q, the rank is not re-decided.
+            q = st["Q"]
+            u = v.mT @ q
+            st["U"] = u
+            v_hat = torch.maximum(q @ u.mT, (1 - beta2) * g**2)
+            u_hat = (g / (v_hat.sqrt() / c2 + hp["eps"])).reshape(w.shape)
+            return _finish_reference_step(w, u_hat, st, hp, step, beta1)
         gen = torch.Generator().manual_seed(sketch_seed(hp["seed"], step, index))
         if hp["warm_start"] and st["Q"] is not None:
             fill = torch.randn(B, m, r - st["Q"].shape[-1], generator=gen).double()
@@ -168,6 +176,11 @@ def _reference_step(w, grad, st, hp, step, index):
         st["Q"], st["U"] = q, u
         v_hat = torch.maximum(q @ u.mT, (1 - beta2) * g**2)
         u_hat = (g / (v_hat.sqrt() / c2 + hp["eps"])).reshape(w.shape)
+    return _finish_reference_step(w, u_hat, st, hp, step, beta1)
+
+
+def _finish_reference_step(w, u_hat, st, hp, step, beta1):
+    """Steps 5-7: the RMS clip, the first moment, the decoupled step."""
     u_hat = u_hat / max(1.0, float(u_hat.square().mean().sqrt()) / hp["clip_threshold"])
     if beta1 > 0:
         st["m"] = beta1 * st["m"] + (1 - beta1) * u_hat
@@ -184,8 +197,10 @@ def _reference_step(w, grad, st, hp, step, index):
         dict(warm_start=False),
         dict(betas=(0.0, 0.99), weight_decay=0.1, bias_correction=True),
         dict(betas=(0.9, 0.95), bias_correction=True, warm_start=False, oversampling=2, power_iters=2),
+        dict(resketch_every=3),
+        dict(resketch_every=2, warm_start=False, bias_correction=True),
     ],
-    ids=["defaults", "cold", "no_m_wd_bc", "bc_cold_p2_l2"],
+    ids=["defaults", "cold", "no_m_wd_bc", "bc_cold_p2_l2", "resketch3", "resketch2_cold_bc"],
 )
 def test_matches_the_contract_step_by_step(options):
     torch.manual_seed(5)

@@ -33,6 +33,7 @@ CONFIGS = {
     "adapprox": ("adapprox", dict(lr=1e-3, weight_decay=0.01)),
     "adapprox_k2_cold_bc": ("adapprox", dict(lr=1e-3, k_max=2, warm_start=False, bias_correction=True, betas=(0.9, 0.99))),
     "adapprox_no_m": ("adapprox", dict(lr=1e-3, betas=(0.0, 0.999))),
+    "adapprox_resketch3": ("adapprox", dict(lr=1e-3, resketch_every=3)),
 }
 
 
