@@ -103,3 +103,15 @@ def test_fsdp2_bf16_keeps_fp32_sharded_masters(tmp_path):
     assert sorted(bf16) == [1, 2, 3] and all(abs(bf16[s] - fp32[s]) < 0.05 for s in fp32) and bf16 != fp32
     state, _ = load_model_state(tmp_path / "bf16" / "checkpoints" / "step_00000003")
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_ddp_bf16_autocast_keeps_fp32_weights(tmp_path):
+    """Two processes under DDP (all-reduce of fp32 gradients), the forward under autocast."""
+    from pretrain.checkpoint.model_state import load_model_state
+
+    _torchrun(tmp_path / "bf16", 2, "engine.kind=ddp", "train.precision=bf16", "train.steps=3")
+    _torchrun(tmp_path / "fp32", 2, "engine.kind=ddp", "train.steps=3")
+    bf16, fp32 = _losses(tmp_path / "bf16"), _losses(tmp_path / "fp32")
+    assert sorted(bf16) == [1, 2, 3] and all(abs(bf16[s] - fp32[s]) < 0.05 for s in fp32) and bf16 != fp32
+    state, _ = load_model_state(tmp_path / "bf16" / "checkpoints" / "step_00000003")
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
