@@ -155,6 +155,10 @@ class FSDP2Engine(SingleEngine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        # A forward without a backward (validation) leaves the root module unsharded: its
+        # registered parameters are then full plain tensors, not the DTensors the optimizer
+        # holds (memopt's names would not match, DCP would save the wrong thing).
+        self.model.reshard()
         is_memopt = isinstance(self.optimizer, memopt.MemoptOptimizer)
         if is_memopt:
             # memopt keeps row factors for local rows only (plain tensors DCP would take for
@@ -177,6 +181,7 @@ class FSDP2Engine(SingleEngine):
     def load(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
+        self.model.reshard()  # as in save: the optimizer's DTensors registered, not the unsharded tensors
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         sched = safe_torch_load(path / SCHEDULER_FILE)
         reader = safe_dcp_reader(path / DCP_DIR)  # DCP's own reader unpickles .metadata unchecked

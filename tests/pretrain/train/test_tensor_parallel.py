@@ -242,3 +242,13 @@ def test_grad_norm_clipping_counts_split_and_replicated_parameters_once(tmp_path
     assert abs(norm2 - norm1) <= 1e-5 * norm1
     for name, g in grads1.items():
         assert torch.allclose(g, grads2[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_fsdp2_checkpoint_after_validation_resumes(tmp_path):
+    """Validation (a forward without backward) leaves FSDP2's root module unsharded; the checkpoint
+    written right after it must still name the optimizer's parameters and resume."""
+    steps = ["engine.kind=fsdp2", "optimizer.name=adafactor", "train.eval_every=2", "logging.norms=false"]
+    assert _train(tmp_path, "train.steps=2", *steps)["steps"] == 2
+    assert (tmp_path / "checkpoints/step_00000002/optimizer_full.pt").is_file()
+    assert _train(tmp_path, "train.steps=3", *steps)["steps"] == 3
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
