@@ -541,7 +541,9 @@ def optimizer_state_bytes(opt: Optimizer) -> int:
     def visit(v):
         nonlocal total
         if torch.is_tensor(v):
-            storage = v.untyped_storage()
+            # A DTensor (torch optimizers' states under FSDP2) counts its local shard: the bytes
+            # this rank holds.
+            storage = (v.to_local() if is_dtensor(v) else v).untyped_storage()
             key = storage.data_ptr()
             if key and key in seen:
                 return

@@ -419,3 +419,17 @@ def replay_single(case, records, names):
         opt.step()
         worst = max(worst, max_abs_diff([p.detach() for p in params], [rec[n][2] for n in names]))
     return worst
+
+
+def torch_optimizer_state_bytes_worker(rank, world):
+    """memopt.base.optimizer_state_bytes of torch AdamW under FSDP2 (DTensor states): this rank's bytes."""
+    from torch.distributed.fsdp import fully_shard
+
+    from memopt.base import optimizer_state_bytes
+
+    model = torch.nn.Linear(8, 6)  # 6 rows: 3 per rank at W = 2
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    return optimizer_state_bytes(opt)

@@ -52,3 +52,10 @@ def test_fsdp2_w3_uneven_matches_single_process():
 @pytest.mark.slow
 def test_fsdp2_w2_matches_single_process():
     _check(dh.run_world(dh.fsdp2_worker, 2, CASES), CASES)
+
+
+def test_state_bytes_of_a_torch_optimizer_counts_the_local_shards():
+    """AdamW's exp_avg / exp_avg_sq are DTensors under FSDP2: each rank counts its own shard."""
+    results = dh.run_world(dh.torch_optimizer_state_bytes_worker, 2)
+    # per rank: weight rows 3 x 8 and bias 3, two fp32 moments each, plus two fp32 step counters
+    assert results == [(3 * 8 + 3) * 4 * 2 + 2 * 4] * 2
