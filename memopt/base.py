@@ -369,7 +369,8 @@ class MemoptOptimizer(Optimizer):
                 if ok:
                     u.state["step"] = u.step
                     if u.target is not None:
-                        write_back_(u.target, u.param, u.group, self.logical_index(u.key), u.step, u.layout.start)
+                        write_back_(u.target, u.param, u.group, self.logical_index(u.key), u.step, u.layout.start,
+                                    u.layout.column_window)
                 else:
                     u.state["nonfinite_skips"] += 1
                     if u.group["on_nonfinite"] == "raise" and failed is None:

@@ -125,6 +125,12 @@ class Layout:
         return self.kind == "row" and not self.col_split
 
     @property
+    def column_window(self) -> tuple[int, int, int] | None:
+        """(width, n, first column) of a column window (a row-parallel TP slice), else None:
+        how a position in the local range maps to the full tensor (``stochastic_rounding``)."""
+        return (self.col_hi - self.col_lo, self.n, self.col_lo) if self.col_split else None
+
+    @property
     def holds_factors(self) -> bool:
         """False for a ``flat`` layout holding no element: it keeps no factor state at all."""
         return self.kind != "flat" or self.length > 0

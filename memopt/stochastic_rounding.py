@@ -68,10 +68,17 @@ def rounding_key(seed: int, index, step):
     return hash32(hash32(hash32(seed & _MASK32) ^ (index & _MASK32)) ^ (step & _MASK32))
 
 
-def random_bits16(key, start: int, numel: int, device) -> torch.Tensor:
+def random_bits16(key, start: int, numel: int, device, window: tuple[int, int, int] | None = None) -> torch.Tensor:
     """16 random bits (int64 in [0, 2**16)) for elements ``start .. start + numel`` of the logical
-    tensor(s) under ``key`` (an int, or an (N,) tensor: then the result is (N, numel))."""
+    tensor(s) under ``key`` (an int, or an (N,) tensor: then the result is (N, numel)).
+
+    ``window`` = (width, n, first column): the positions count over a column window of a
+    row-major (rows, n) tensor (a tensor-parallel slice of columns) and are mapped to the full
+    tensor's, so a slice draws the bits the full tensor draws for the same elements."""
     idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    if window is not None:
+        width, n, col0 = window
+        idx = torch.div(idx, width, rounding_mode="floor") * n + col0 + torch.remainder(idx, width)
     if torch.is_tensor(key):
         key, idx = key.reshape(-1, 1), idx.reshape(1, -1)
     if start + numel > _MASK32:  # beyond 2**32 elements: the high word joins the key
@@ -92,12 +99,14 @@ def round_with_bits(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-def stochastic_round_bf16(x: torch.Tensor, seed: int, index, step, start: int = 0) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, seed: int, index, step, start: int = 0,
+                          window: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x`` (fp32) stochastically rounded to bf16.
 
     One parameter: ``index`` and ``step`` are ints (or 0-d tensors) and ``x`` holds its elements
     ``start ..`` (a shard holds its own range of the flattened logical tensor). A stack of N
-    parameters of one shape: ``x`` is (N, ...), ``index`` and ``step`` (N,) tensors."""
+    parameters of one shape: ``x`` is (N, ...), ``index`` and ``step`` (N,) tensors. ``window``:
+    see ``random_bits16`` (``start`` then counts over the window)."""
     stacked = torch.is_tensor(index) and index.dim() == 1
     key = rounding_key(seed, index, step)
     flat = x.detach().reshape(x.shape[0] if stacked else 1, -1)
@@ -106,7 +115,7 @@ def stochastic_round_bf16(x: torch.Tensor, seed: int, index, step, start: int = 
     block = _BLOCK_CPU if x.device.type == "cpu" else _BLOCK_ACCELERATOR
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        bits = random_bits16(key, start + lo, hi - lo, x.device).reshape(rows, hi - lo)
+        bits = random_bits16(key, start + lo, hi - lo, x.device, window).reshape(rows, hi - lo)
         out[:, lo:hi] = round_with_bits(flat[:, lo:hi].contiguous(), bits)
     return out.reshape(x.shape)
 
@@ -116,11 +125,13 @@ def rounds_stochastically(group: dict, dst: torch.Tensor) -> bool:
     return bool(group.get("stochastic_rounding")) and dst.dtype == torch.bfloat16
 
 
-def write_back_(dst: torch.Tensor, work: torch.Tensor, group: dict, index: int | None, step, start: int = 0) -> None:
+def write_back_(dst: torch.Tensor, work: torch.Tensor, group: dict, index: int | None, step, start: int = 0,
+                window: tuple[int, int, int] | None = None) -> None:
     """``dst.copy_(work)``: rounded to nearest, or stochastically when the group asks for it
-    (bf16 weights), ``work`` then holding elements ``start ..`` of logical parameter ``index``."""
+    (bf16 weights), ``work`` then holding elements ``start ..`` of logical parameter ``index``
+    (of its column ``window``, if given: see ``random_bits16``)."""
     if rounds_stochastically(group, dst):
-        work = stochastic_round_bf16(work, group["rounding_seed"], index, step, start)
+        work = stochastic_round_bf16(work, group["rounding_seed"], index, step, start, window)
     dst.copy_(work)
 
 

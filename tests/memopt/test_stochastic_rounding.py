@@ -88,6 +88,20 @@ def test_a_shard_rounds_as_its_range_of_the_whole_tensor():
         assert torch.equal(stochastic_round_bf16(x[lo:hi], 3, 2, 4, start=lo), whole[lo:hi])
 
 
+def test_a_column_slice_rounds_as_those_columns_of_the_whole_tensor():
+    """A row-parallel TP slice (columns [c0, c1) of every row), also a ZeRO range inside it,
+    draws the bits the whole tensor draws for the same elements."""
+    from memopt.sharding import Layout, TensorParallelSplit, tensor_parallel_layout
+
+    x = torch.randn(12, 10) * 1e-2
+    whole = stochastic_round_bf16(x, 3, 2, 4)
+    for rank in range(2):
+        layout = tensor_parallel_layout(Layout.flat((12, 5), 7, 31, "dp"), TensorParallelSplit(1, rank, 2, "tp", "tp_dp"))
+        local = layout.local_of(x)
+        got = stochastic_round_bf16(local, 3, 2, 4, start=layout.start, window=layout.column_window)
+        assert torch.equal(got, layout.local_of(whole))
+
+
 def test_a_stack_rounds_as_its_parameters_one_by_one():
     x = torch.randn(3, 40, 7)
     index, step = torch.tensor([4, 0, 9]), torch.tensor([2.0, 2.0, 5.0])
