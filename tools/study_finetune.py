@@ -199,8 +199,11 @@ def write_report(results: dict, out: Path, meta: dict) -> None:
         if best.get("missing"):
             lines.append(f"| {METHODS[key][0]} | | {grid} | | not run yet | | | | |")
             continue
+        seeds = [r["final_val_loss"] for r in [best] + v["finals"] if r.get("final_val_loss") is not None]
+        after = (f"{statistics.mean(seeds):.3f} +- {(max(seeds) - min(seeds)) / 2:.3f} ({len(seeds)} seeds)"
+                 if len(seeds) > 1 else seq_fmt(best.get("final_val_loss")))
         lines.append(f"| {METHODS[key][0]} | {v['best_lr']:.3g} | {grid} | {best['start_val_loss']:.3f} | "
-                     f"{seq_fmt(best.get('final_val_loss'))} | {best.get('trainable_params', 0):,} | "
+                     f"{after} | {best.get('trainable_params', 0):,} | "
                      f"{best.get('optimizer_state_bytes', 0) / MIB:.2f} | {best.get('peak_train_rss_bytes', 0) / MIB:.1f} | "
                      f"{best.get('train_wall_s', 0):.0f} |")
         if best.get("final_val_loss") is not None:
@@ -229,7 +232,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--val-blocks", type=int, default=16, help="validation blocks of --seq-len tokens")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="the sweep's seed")
+    ap.add_argument("--final-seeds", default="", help="more seeds for the best lr, e.g. 2,3 (the seed spread)")
     ap.add_argument("--max-extensions", type=int, default=1)
     ap.add_argument("--base", default=None, help="checkpoint dir (default: the quickstart's latest)")
     ap.add_argument("--hf-base", default=None, help="an HF GPT-2 directory to fine-tune instead (no export)")
@@ -261,7 +265,8 @@ def main(argv=None) -> int:
     try:
         for key in args.methods:
             best, runs = seq.sweep(study, base, key, METHODS[key][1], args.max_extensions, points=3)
-            results[key] = dict(best_lr=best, sweep=runs)
+            finals = [study.get(dict(base, optimizer=key, lr=best, seed=int(x))) for x in args.final_seeds.split(",") if x]
+            results[key] = dict(best_lr=best, sweep=runs, finals=[r for r in finals if not r.get("missing")])
     finally:
         worker.close()
     note = (hf / "base_checkpoint.txt").read_text().strip() if (hf / "base_checkpoint.txt").is_file() else str(hf)
