@@ -74,6 +74,9 @@ def plot(task: str, per_opt: dict, labels: dict, out: Path) -> list[str]:
             ax2.plot(*zip(*pts), marker="o", label=labels[key])
     ax1.set(xlabel="step", ylabel="validation loss", title=f"{task}: best lr, mean and range over seeds")
     ax2.set(xscale="log", xlabel="learning rate", ylabel="final validation loss", title=f"{task}: lr sweep (seed 1)")
+    losses = [s["final_val_loss"] for r in per_opt.values() for s in r["sweep"] if s.get("final_val_loss") is not None]
+    if losses:  # a diverged edge point would flatten the rest
+        ax2.set_ylim(min(losses) - 0.1, min(max(losses), min(losses) + 1.5) + 0.1)
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
