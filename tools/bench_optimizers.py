@@ -14,10 +14,15 @@ read and write W, so that is the physical lower bound of a step on this machine.
     python tools/bench_optimizers.py --layers 2 --steps 3 --out /tmp/bench   # quick look
     python tools/bench_optimizers.py --paths both --name optimizers_foreach   # memopt's two paths
     python tools/bench_optimizers.py --device cuda --dtype bfloat16 --paths both --name gpu_bf16
+    python tools/bench_optimizers.py --paths fused --only adamw adafactor came adalomo lomo --name optimizers_fused
 
-``--paths``: "default" runs each memopt optimizer as constructed by default (foreach=None, which
-is the reference path on CPU and the sync-free path on an accelerator); "both" runs
-foreach=False and foreach=True side by side.
+``--paths``: "default" runs each memopt optimizer as constructed by default (foreach=None,
+fused=None: the fused C++ kernel on CPU when it builds, the sync-free path on an accelerator);
+"both" runs foreach=False and foreach=True side by side; "fused" runs foreach=False and
+fused=True (memopt.kernels) side by side for the optimizers that have fused kernels, with
+DeepSpeed's CPU Adam (what ZeRO-Offload runs) among the AdamW rows when its op builds, and
+leaves torch AdamW (foreach) out: every case holds its own copy of the 124M parameters and state,
+and the fewer rows fit a shared machine's memory.
 
 Exit status 1 when a memopt optimizer is slower than a peer implementation of its algorithm.
 """
@@ -151,10 +156,24 @@ def _memopt_cases(paths: str) -> list[Case]:
     ]
     variants = [("", {})] if paths == "default" else [(" [foreach=False]", dict(foreach=False)),
                                                      (" [foreach=True]", dict(foreach=True))]
+    if paths == "fused":
+        variants[1] = (" [fused=True]", dict(fused=True))
     return [
         _optimizer_case(label + suffix, algorithm, "memopt", lambda ps, make=make, kw=kw: make(ps, **kw))
         for label, algorithm, make in specs for suffix, kw in variants
+        if not kw.get("fused") or algorithm != "adapprox"  # Adapprox has no fused kernels
     ]
+
+
+def _deepspeed_cpu_adam_case():
+    """DeepSpeed's CPU Adam (AdamW mode), the optimizer ZeRO-Offload steps on the host; its op is
+    JIT-built on first use, and a machine where it cannot build leaves the row out."""
+    def make(ps):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(ps, lr=1e-4, adamw_mode=True)
+
+    return _optimizer_case("DeepSpeedCPUAdam (adamw_mode)", "adamw", "deepspeed", make)
 
 
 def all_cases(paths: str = "default") -> list[Case]:
@@ -167,7 +186,8 @@ def all_cases(paths: str = "default") -> list[Case]:
     return [
         _floor_case(),
         _optimizer_case("torch AdamW (fused)", "adamw", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
-        _optimizer_case("torch AdamW (foreach)", "adamw", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)),
+        *([_deepspeed_cpu_adam_case()] if paths == "fused" else [_optimizer_case(
+            "torch AdamW (foreach)", "adamw", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True))]),
         *ours["adafactor"],
         _optimizer_case("torch.optim.Adafactor", "adafactor", "torch", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
         _optimizer_case("transformers Adafactor", "adafactor", "transformers", lambda ps: HFAdafactor(ps, beta1=None)),
@@ -186,7 +206,7 @@ def all_cases(paths: str = "default") -> list[Case]:
 
 
 def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: str = "cpu",
-        dtype: str = "float32", paths: str = "default", hidden: int = 768) -> dict:
+        dtype: str = "float32", paths: str = "default", hidden: int = 768, peers: bool = True) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
     dt_ = getattr(torch, dtype)
@@ -196,6 +216,8 @@ def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: st
     grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device=dev, dtype=dt_) for s in shapes]
     init = [torch.randn(s, generator=gen).mul_(0.02).to(device=dev, dtype=dt_) for s in shapes]
     cases = [c for c in all_cases(paths) if not only or c.algorithm in only or c.algorithm == "floor"]
+    if not peers:  # memopt rows and the AdamW references only (each case holds a copy of the model)
+        cases = [c for c in cases if c.implementation == "memopt" or c.algorithm in ("floor", "adamw")]
     # On an accelerator a step only queues work: time it to the end of the device's queue.
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -266,6 +288,38 @@ def check(report: dict) -> list[str]:
     return lines
 
 
+# Bytes per parameter a step of each algorithm must move at least (fp32): the floor case reads G
+# and reads+writes W (12). AdamW also reads+writes M and V (28). A factored step needs the whole
+# matrix's row and column sums before W moves, so it reads G twice and W twice (RMS(W), update):
+# 20. CAME adds M read+write in its second pass and M read in its third: 28. LOMO is the floor.
+BYTES_PER_PARAM = {"floor": 12, "adamw": 28, "adafactor": 20, "adalomo": 20, "came": 28, "lomo": 12}
+
+# Issue 16 part 4: a memopt step's time at most this multiple of torch AdamW(fused)'s.
+TARGET_X_ADAMW_FUSED = {"adafactor": 1.0, "adalomo": 1.0, "came": 1.5, "lomo": 1.0, "adapprox": 3.0}
+
+
+def byte_floor_ms(r: dict, floor: dict) -> float | None:
+    """The floor case's time scaled to the bytes ``r``'s algorithm must move (None if unknown)."""
+    b = BYTES_PER_PARAM.get(r["algorithm"])
+    return None if b is None else floor["median_ms"] * b / BYTES_PER_PARAM["floor"]
+
+
+def target_lines(report: dict) -> list[str]:
+    """'MET|MISSED: <memopt row> a x AdamW fused (target t)' for every memopt row with a target."""
+    res = report["results"]
+    fused = next((r for r in res if r["label"] == "torch AdamW (fused)"), None)
+    if fused is None:
+        return []
+    lines = []
+    for r in res:
+        target = TARGET_X_ADAMW_FUSED.get(r["algorithm"])
+        if r["implementation"] != "memopt" or target is None:
+            continue
+        x = r["median_ms"] / fused["median_ms"]
+        lines.append(f"{'MET' if x <= target else 'MISSED'}: {r['label']} {x:.2f}x AdamW fused (target <= {target:.1f}x)")
+    return lines
+
+
 def fmt_ms(ms: float) -> str:
     """A step time for the tables: whole ms on CPU, two decimals for the sub-10 ms steps of a GPU."""
     return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
@@ -289,19 +343,26 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
         f"steps after {report['warmup']} warm-up steps; all cases interleaved round by round in one process, "
         "so compare ratios, not absolute times.",
         "",
-        "| optimizer | algorithm | median step (ms) | x AdamW fused | x floor | state (MB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| optimizer | algorithm | median step (ms) | x AdamW fused | x floor | bytes/param | x its byte floor | state (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res:
         sb = "" if r["state_bytes"] is None else f"{r['state_bytes'] / 1e6:.1f}"
         rel = f"{r['median_ms'] / fused['median_ms']:.2f}" if fused else ""
+        own = byte_floor_ms(r, floor)
+        nbytes = BYTES_PER_PARAM.get(r["algorithm"], "")
+        x_own = "" if own is None else f"{r['median_ms'] / own:.2f}"
         out.append(
             f"| {r['label']} | {r['algorithm']} | {fmt_ms(r['median_ms'])} | {rel} | "
-            f"{r['median_ms'] / floor['median_ms']:.2f} | {sb} |"
+            f"{r['median_ms'] / floor['median_ms']:.2f} | {nbytes} | {x_own} | {sb} |"
         )
     if report.get("left_out"):
         out += ["", "Left out (the peer does not run on this device or dtype):", ""]
         out += [f"- {line}" for line in report["left_out"]]
+    targets = target_lines(report)
+    if targets:
+        out += ["", "## Targets (issue 16 part 4: x torch AdamW fused)", ""]
+        out += [f"- {line}" for line in targets]
     out += ["", "## memopt vs peer implementations of the same algorithm", ""]
     out += [f"- {line}" for line in checks]
     out += [
@@ -322,7 +383,10 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
         "(once for RMS(W), once to update): about 20 bytes per parameter, 1.7x the floor's traffic, "
         "in two cache-blocked passes (memopt/factored.py). The 'x floor' column is the measured "
         "ratio; what remains above 1.7x is per-operation overhead of running the passes as "
-        "separate torch kernels on cache-sized row blocks instead of one fused loop.",
+        "separate torch kernels on cache-sized row blocks instead of one fused loop. 'bytes/param' "
+        "is that least traffic for each algorithm (tools/bench_optimizers.py BYTES_PER_PARAM) and "
+        "'x its byte floor' the measured time over the floor row scaled to those bytes: 1.0 would be "
+        "a step that only moves its bytes at this machine's W += G speed.",
     ]
     return "\n".join(out) + "\n"
 
@@ -339,15 +403,19 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="optimizers", help="file stem of the report (default: optimizers)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and gradient dtype")
-    ap.add_argument("--paths", default="default", choices=["default", "both"],
-                    help="memopt rows: the default constructor, or foreach=False and foreach=True side by side")
+    ap.add_argument("--paths", default="default", choices=["default", "both", "fused"],
+                    help="memopt rows: the default constructor; foreach=False and foreach=True side by side; "
+                         "or foreach=False and fused=True side by side (+ DeepSpeedCPUAdam)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="leave out the peer implementations (memopt, AdamW and floor rows only: less memory)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.layers < 1 or args.hidden < 1:
         ap.error("--steps, --layers and --hidden must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
 
-    report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths, args.hidden)
+    report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths, args.hidden,
+                 peers=not args.no_peers)
     checks = check(report)
     command = "python tools/bench_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)

@@ -91,17 +91,21 @@ def test_foreach_matches_the_reference_path(case, dtype):
     assert isinstance(new_opt.nonfinite_skips, int)
 
 
-def test_foreach_none_is_the_reference_path_on_cpu_and_fused_is_refused():
+def test_foreach_none_is_the_per_parameter_path_on_cpu_and_fused_flags_are_checked():
     p = torch.zeros(4, 4, requires_grad=True)
     opt = memopt.Adafactor([p])
     assert opt.param_groups[0]["foreach"] is None and not memopt.base.resolve_foreach(opt.param_groups[0], p.device)
     assert memopt.base.resolve_foreach({"foreach": None}, torch.device("cuda"))
+    # fused=True takes the per-parameter path (memopt.kernels), on any device
+    assert not memopt.base.resolve_foreach({"foreach": None, "fused": True}, torch.device("cuda"))
+    with pytest.raises(NotImplementedError, match="Adapprox: fused=True .* not available"):
+        memopt.create_optimizer("adapprox", [p], fused=True)
     for name in ("adafactor", "came", "lomo", "adalomo", "adapprox"):
         hp = {"lr": 1e-3} if name in ("came",) else {}
-        with pytest.raises(NotImplementedError, match="fused=True .* not available"):
-            memopt.create_optimizer(name, [p], fused=True, **hp)
         with pytest.raises(ValueError, match="foreach must be"):
             memopt.create_optimizer(name, [p], foreach="yes", **hp)
+        with pytest.raises(ValueError, match="cannot both be set"):
+            memopt.create_optimizer(name, [p], foreach=True, fused=True, **hp)
 
 
 def test_foreach_raise_policy_raises():

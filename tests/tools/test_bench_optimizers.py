@@ -44,3 +44,31 @@ def test_every_memopt_optimizer_has_a_case_and_peers_exist_for_the_required_ones
     assert {"torch", "transformers"} <= by_algo["adafactor"]
     assert "came_pytorch" in by_algo["came"]
     assert {"fused", "foreach"} <= {c.label.split("(")[-1].rstrip(")") for c in cases if c.algorithm == "adamw"}
+
+
+def test_targets_and_byte_floor_columns():
+    row = dict(times_ms=[], min_ms=0.0, state_bytes=0)
+    report = dict(
+        params=1, layers=1, warmup=0, timed_steps=1, torch="x", threads=2, cpus=2,
+        results=[
+            dict(row, label="floor", algorithm="floor", implementation="torch", median_ms=12.0),
+            dict(row, label="torch AdamW (fused)", algorithm="adamw", implementation="torch", median_ms=40.0),
+            dict(row, label="memopt Adafactor [fused=True]", algorithm="adafactor", implementation="memopt", median_ms=30.0),
+            dict(row, label="memopt CAME [fused=True]", algorithm="came", implementation="memopt", median_ms=70.0),
+        ],
+    )
+    assert bench.target_lines(report) == [
+        "MET: memopt Adafactor [fused=True] 0.75x AdamW fused (target <= 1.0x)",
+        "MISSED: memopt CAME [fused=True] 1.75x AdamW fused (target <= 1.5x)",
+    ]
+    md = bench.markdown(report, "cmd", [])
+    # Adafactor moves 20 bytes/param: its byte floor is 12 ms * 20/12 = 20 ms, so 30 ms is 1.50x.
+    assert "| memopt Adafactor [fused=True] | adafactor | 30 | 0.75 | 2.50 | 20 | 1.50 |" in md
+
+
+def test_fused_paths_add_fused_cases_and_deepspeed_cpu_adam():
+    labels = [c.label for c in bench.all_cases("fused")]
+    assert "memopt Adafactor [foreach=False]" in labels and "memopt Adafactor [foreach=True]" not in labels
+    assert "memopt Adafactor [fused=True]" in labels and "memopt LOMO (step) [fused=True]" in labels
+    assert not any(label.startswith("memopt Adapprox [fused") for label in labels)
+    assert "DeepSpeedCPUAdam (adamw_mode)" in labels
