@@ -8,7 +8,8 @@ with Adapprox, one run per variant, all else equal (``VARIANTS``):
     ulp       every gradient element moved by 1 ulp (``torch.nextafter``) towards +inf or -inf,
               the sign drawn per element and step from a torch.Generator seeded with
               (1000003 * step + parameter index): deterministic, the global RNG is untouched
-    sketch2   Adapprox seed=1 (other random sketches, same init and data)
+    ulp2      the same with another sequence of directions
+    sketch2/3 Adapprox seed=1/2 (other random sketches, same init and data)
     seed2/3   train.seed=1235/1236 (another initialization and data order): the seed spread
     adamw_*   torch AdamW base / ulp / seed2: the control, since a perturbation grows in any
               nonlinear training run; the question is whether it grows further under Adapprox
@@ -46,9 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 from memopt import Adapprox, registry  # noqa: E402
 
-def ulp_perturbed(cls: type) -> type:
+def ulp_perturbed(cls: type, stream: int = 0) -> type:
     """``cls`` whose every step first moves each gradient element by 1 ulp, in a random
-    direction (zeros stay zero: a subnormal would not be a relative perturbation)."""
+    direction (zeros stay zero: a subnormal would not be a relative perturbation). ``stream``
+    selects another deterministic sequence of directions."""
 
     class UlpPerturbed(cls):
         def step(self, closure=None):
@@ -61,7 +63,7 @@ def ulp_perturbed(cls: type) -> type:
                         if p.grad is None:
                             continue
                         gen = torch.Generator(device=p.grad.device)
-                        gen.manual_seed(1000003 * calls + index)
+                        gen.manual_seed(1000003 * calls + index + 7919 * stream)
                         up = torch.randint(0, 2, p.grad.shape, generator=gen, device=p.grad.device, dtype=torch.bool)
                         target = torch.where(up, math.inf, -math.inf).to(p.grad.dtype)
                         moved = torch.nextafter(p.grad, target)
@@ -73,7 +75,8 @@ def ulp_perturbed(cls: type) -> type:
     return UlpPerturbed
 
 
-PERTURBED = {"adapprox_ulp": Adapprox, "adamw_ulp": torch.optim.AdamW}
+# name -> (optimizer class, perturbation stream)
+PERTURBED = {"adapprox_ulp": (Adapprox, 0), "adapprox_ulp2": (Adapprox, 1), "adamw_ulp": (torch.optim.AdamW, 0)}
 
 # name -> (optimizer, train.seed, extra hyperparameters). The AdamW runs are the control: a
 # 1-ulp perturbation grows in any nonlinear training run; the question is whether it grows
@@ -81,7 +84,9 @@ PERTURBED = {"adapprox_ulp": Adapprox, "adamw_ulp": torch.optim.AdamW}
 VARIANTS = {
     "base": ("adapprox", 1234, {}),
     "ulp": ("adapprox_ulp", 1234, {}),
+    "ulp2": ("adapprox_ulp2", 1234, {}),
     "sketch2": ("adapprox", 1234, {"seed": 1}),
+    "sketch3": ("adapprox", 1234, {"seed": 2}),
     "seed2": ("adapprox", 1235, {}),
     "seed3": ("adapprox", 1236, {}),
     "adamw_base": ("adamw", 1234, {}),
@@ -89,7 +94,8 @@ VARIANTS = {
     "adamw_seed2": ("adamw", 1235, {}),
 }
 # (run, reference) pairs the report compares.
-PAIRS = [("ulp", "base"), ("sketch2", "base"), ("seed2", "base"), ("seed3", "base"), ("seed3", "seed2"),
+PAIRS = [("ulp", "base"), ("ulp2", "base"), ("ulp2", "ulp"), ("sketch2", "base"), ("sketch3", "base"),
+         ("sketch3", "sketch2"), ("seed2", "base"), ("seed3", "base"), ("seed3", "seed2"),
          ("adamw_ulp", "adamw_base"), ("adamw_seed2", "adamw_base")]
 
 
@@ -167,7 +173,7 @@ def markdown(s: dict) -> str:
         "with other jobs).", "",
         "Command:", "", f"    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python {s['command']}", "",
         "Runs: `ulp` = every gradient element moved 1 ulp (torch.nextafter) in a random direction every "
-        "step; `sketch2` = Adapprox seed=1 (other sketches); `seedN` = another train.seed (init and data "
+        "step (`ulp2`: other directions); `sketchN` = Adapprox seed=N-1 (other sketches); `seedN` = another train.seed (init and data "
         "order); `adamw_*` = the same with torch AdamW (the control).", "",
         "| run | final val loss | mean Adapprox rank |", "|---|---|---|",
     ]
@@ -280,8 +286,8 @@ def main(argv=None) -> None:
             Path(args.out + ".json").write_text(json.dumps(dict(command="tools/bench_adapprox_numerics.py "
                                                                 + " ".join(sys.argv[1:]), rows=rows), indent=1))
         return
-    for name, cls in PERTURBED.items():
-        registry.OPTIMIZERS[name] = ulp_perturbed(cls)
+    for name, (cls, stream) in PERTURBED.items():
+        registry.OPTIMIZERS[name] = ulp_perturbed(cls, stream)
     results = {}
     for name in args.variants.split(","):
         results[name] = r = run_variant(name, args)
