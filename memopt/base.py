@@ -438,6 +438,7 @@ class MemoptOptimizer(Optimizer):
         Returns the ok mask of every item, in order.
         """
         classes: dict[tuple, tuple[dict, list]] = {}
+        oks: list[torch.Tensor | None] = [None] * len(items)
         for i, (p, g, group) in enumerate(items):
             if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -445,9 +446,12 @@ class MemoptOptimizer(Optimizer):
             if not state:
                 self._new_state(p, p, None, state, group, p.device)
             device_counters(state, p.device)
+            if p.numel() == 0:  # an empty parameter: nothing to update, its step counts
+                state["step"] += 1
+                oks[i] = torch.ones((), dtype=torch.bool, device=p.device)
+                continue
             key = (id(group), tuple(p.shape), p.dtype, g.dtype, p.device)
             classes.setdefault(key, (group, []))[1].append((i, p, g, state))
-        oks: list[torch.Tensor | None] = [None] * len(items)
         raising = []
         for group, members in classes.values():
             ps = [m[1] for m in members]
@@ -509,6 +513,9 @@ class MemoptOptimizer(Optimizer):
         work = p if p.dtype == torch.float32 else p.detach().float()
         g32 = grad if grad.dtype == torch.float32 else grad.float()
         step = host_int(state["step"]) + 1
+        if work.numel() == 0:  # an empty parameter: nothing to update (factored maths would divide by 0)
+            state["step"] = step
+            return True
         if not self._update(work, g32, state, group, step):
             state["nonfinite_skips"] += 1
             if group["on_nonfinite"] == "raise":

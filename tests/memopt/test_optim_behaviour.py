@@ -203,3 +203,23 @@ def test_resume_keeps_fp32_state_for_bf16_params_and_current_hyperparameters(nam
     fresh.update_param(params[1], make_grads(1, 8)[0][1].bfloat16())
     if name != "adafactor":  # Adafactor's default relative step ignores lr
         assert torch.equal(params[1], before)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", ["adafactor", "came", "adalomo", "lomo", "adapprox"])
+def test_an_empty_parameter_steps_without_error(name, foreach):
+    """Empty tensors (0 rows, 0 columns, an empty stack, an empty vector) are stepped (their step
+    counts) and change nothing; the other parameters update as usual."""
+    import memopt
+
+    shapes = [(0,), (0, 5), (5, 0), (2, 0, 3)]
+    empty = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    full = torch.nn.Parameter(torch.ones(3, 4))
+    opt = memopt.create_optimizer(name, [*empty, full], foreach=foreach, fused=False,
+                                  **({"lr": 1e-3} if name == "came" else {}))
+    for _ in range(2):
+        for p in [*empty, full]:
+            p.grad = torch.full(p.shape, 0.5)
+        opt.step()
+    assert [int(opt.state[p]["step"]) for p in empty] == [2] * len(shapes)
+    assert not torch.equal(full.detach(), torch.ones(3, 4))
