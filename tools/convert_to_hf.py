@@ -4,8 +4,9 @@
     python tools/convert_to_hf.py CKPT_DIR OUT_DIR            # any engine's step_N directory
     python tools/convert_to_hf.py --reverse HF_DIR OUT_DIR [--config configs/gpt_tiny.yaml] [key=value ...]
 
-The export writes config.json, model.safetensors and the tokenizer (tokenizer.json built from the
-sentencepiece model, ids verified identical, plus tokenizer.model), then reloads it with
+The export writes config.json, model.safetensors and the tokenizer (a sentencepiece run's:
+tokenizer.json built from the model plus tokenizer.model; a GPT-2 BPE / Hugging Face tokenizer
+run's: saved with save_pretrained; ids verified identical either way), then reloads it with
 transformers and compares logits with the source model on a fixed batch: above --tol (max abs
 diff, fp32, default 1e-4) it exits with status 3. Unreadable/corrupt inputs and bad run configs
 exit with status 1 and one line `error: ...` (2 for a usage error); --debug shows the traceback.
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="output dir")
     ap.add_argument("--reverse", action="store_true", help="HF GPT-2 -> checkpoint of this framework")
     ap.add_argument("--run-config", help="the run's config.json (default: found above the checkpoint)")
-    ap.add_argument("--tokenizer", help="sentencepiece model (default: the run config's data.tokenizer)")
+    ap.add_argument("--tokenizer", help="the run's tokenizer: a sentencepiece .model or a GPT-2 BPE / HF tokenizer directory "
+                    "(default: the run config's data.tokenizer)")
     ap.add_argument("--config", help="--reverse: YAML run config the imported checkpoint will be trained with")
     ap.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
     add_debug_flag(ap)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=_positive_int, default=None, help="at most this many documents per task")
     ap.add_argument("--batch-size", type=_positive_int, default=8, help="in-memory route only (the hf route uses 1)")
     ap.add_argument("--run-config", help="--checkpoint: the run's config.json (default: found above it)")
-    ap.add_argument("--tokenizer", help="--checkpoint: sentencepiece model (default: the run's)")
+    ap.add_argument("--tokenizer", help="--checkpoint: the run's tokenizer, sentencepiece or HF (default: the run's)")
     ap.add_argument("--include-path", help="extra lm-eval task YAML directory")
     ap.add_argument("--output", help="write results JSON here")
     add_debug_flag(ap)

@@ -142,14 +142,14 @@ class Source:
 
 def read_checkpoint(ckpt: str, run_config: Optional[str] = None, tokenizer: Optional[str] = None) -> Source:
     """Everything needed to rebuild the model of checkpoint ``ckpt`` (any engine)."""
-    from pretrain.data.tokenizer import SentencePieceTokenizer
+    from pretrain.data.tokenizer import load_tokenizer
 
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
     cfg_path = Path(run_config) if run_config else find_run_config(ckpt)
     run_cfg = read_run_config(cfg_path)
     tok_path = tokenizer or tokenizer_path(run_cfg, cfg_path)
-    tok = SentencePieceTokenizer(tok_path)
+    tok = load_tokenizer(tok_path)  # sentencepiece, GPT-2 BPE or a HF tokenizer directory
     cfg = model_config(run_cfg, tok.vocab_size, for_inference=True)
     sd, fmt = load_model_state(ckpt)
     return Source(kind=cfg.kind, cfg=cfg, state_dict=sd, fmt=fmt, tokenizer=tok_path, step=int(state.get("step", 0)))

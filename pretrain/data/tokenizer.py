@@ -288,6 +288,11 @@ class HFTokenizer:
     has_bert_tokens = property(lambda self: False)
 
     @property
+    def hf_tokenizer(self):
+        """The underlying transformers tokenizer (the HF export saves a copy of it)."""
+        return self._tok
+
+    @property
     def pad(self) -> int:
         # megatron's datasets fall back to a pad id outside the vocabulary when this raises
         if self._tok.pad_token_id is None:

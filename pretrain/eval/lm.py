@@ -1,11 +1,11 @@
 """lm-eval adapter: a GPT of this framework, in memory, as an ``lm_eval.api.model.LM``.
 
 Scores exactly what lm-eval's ``hf`` model scores on the exported GPT2LMHeadModel: the same
-tokens (the sentencepiece model; the export's HF tokenizer has identical ids), the same
+tokens (the run's tokenizer; the export's HF tokenizer has identical ids), the same
 context/continuation split (``TemplateLM._encode_pair``), the same left truncation to the model's
 positions, the same rolling windows for perplexity, and the same prefix token for an empty
-context (</s>, the end-of-document token the model was trained with, which the export's tokenizer
-names as its bos, the token lm-eval's ``hf`` model prefixes with).
+context (the end-of-document token the model was trained with: </s>, or GPT-2's <|endoftext|>;
+the export's tokenizer names it as its bos, the token lm-eval's ``hf`` model prefixes with).
 """
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
-from pretrain.data.tokenizer import EOS_ID
-
 
 class MegatronGPTLM(TemplateLM):
-    """``MegatronGPTLM(model, tokenizer)``: ``model`` a (TP=1) MegatronGPT, ``tokenizer`` a
-    ``SentencePieceTokenizer``. ``batch_size`` sequences of equal length are scored together."""
+    """``MegatronGPTLM(model, tokenizer)``: ``model`` a (TP=1) MegatronGPT, ``tokenizer`` the run's
+    (``pretrain.data.tokenizer.load_tokenizer``: sentencepiece or Hugging Face). ``batch_size``
+    sequences of equal length are scored together."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, device: str = "cpu", max_length: Optional[int] = None):
         super().__init__()
@@ -34,11 +33,11 @@ class MegatronGPTLM(TemplateLM):
     # -- TemplateLM ------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.sp.eos
 
     @property
     def prefix_token_id(self) -> int:
-        return EOS_ID
+        return self.sp.eos  # the end-of-document token, as the export's bos
 
     @property
     def max_length(self) -> int:

@@ -29,7 +29,7 @@ def build_checkpoint_lm(checkpoint: str, run_config: Optional[str] = None, token
                         batch_size: int = 8):
     """Our GPT with a checkpoint's weights (any engine), wrapped for lm-eval."""
     from pretrain.checkpoint import read_checkpoint
-    from pretrain.data.tokenizer import SentencePieceTokenizer
+    from pretrain.data.tokenizer import load_tokenizer
     from pretrain.export.errors import ExportError
     from pretrain.export.hf import build_source_model
 
@@ -39,7 +39,7 @@ def build_checkpoint_lm(checkpoint: str, run_config: Optional[str] = None, token
     if src.kind != "gpt":
         raise ExportError("zero-shot evaluation needs a GPT (causal LM) checkpoint")
     model = build_source_model(src.cfg, src.state_dict)
-    return MegatronGPTLM(model, SentencePieceTokenizer(src.tokenizer), batch_size=batch_size)
+    return MegatronGPTLM(model, load_tokenizer(src.tokenizer), batch_size=batch_size)
 
 
 def evaluate(tasks: Sequence[str] = LOCAL_TASKS, hf: Optional[str] = None, checkpoint: Optional[str] = None,
@@ -69,7 +69,8 @@ def evaluate(tasks: Sequence[str] = LOCAL_TASKS, hf: Optional[str] = None, check
               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if hf is not None:
         # batch_size=1: no padding, so the hf route's arithmetic matches the in-memory route's. No
-        # prefix_token_id: the export's tokenizer carries it (bos = </s>), so the stock lm_eval CLI
+        # prefix_token_id: the export's tokenizer carries it (bos = the end-of-document
+        # token: </s>, or GPT-2's <|endoftext|>), so the stock lm_eval CLI
         # on the same export gives the same numbers.
         args = f"pretrained={hf},dtype=float32,trust_remote_code=False"
         return lm_eval.simple_evaluate(model="hf", model_args=args, batch_size=1, device="cpu", **kw)

@@ -130,15 +130,20 @@ def hf_state_and_config(src: Source):
     return hf_sd, hf_cfg, "MegatronBertForMaskedLM"
 
 
-def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None) -> str:
-    """Write config.json + model.safetensors for ``src``. ``transform`` (tests) may alter the
-    mapped HF state dict before it is written."""
+# bos is </s> as in the tokenizer (pretrain/export/tokenizer.py): what starts a document here
+SENTENCEPIECE_SPECIAL_IDS = {"bos_token_id": 3, "eos_token_id": 3, "pad_token_id": 0}
+
+
+def write_hf(src: Source, out_dir: str, transform: Optional[Callable] = None,
+             special_ids: Optional[Dict[str, int]] = None) -> str:
+    """Write config.json + model.safetensors (+ generation_config.json) for ``src``.
+    ``transform`` (tests) may alter the mapped HF state dict before it is written;
+    ``special_ids``: bos/eos/pad of the export's tokenizer (default: the sentencepiece models')."""
     hf_sd, hf_cfg, cls_name = hf_state_and_config(src)
     if transform is not None:
         hf_sd = transform(hf_sd)
     cfg_cls, model_cls = hf_classes(cls_name)
-    # bos is </s> as in the tokenizer (pretrain/export/tokenizer.py): what starts a document here
-    config = cfg_cls(**hf_cfg, architectures=[cls_name], bos_token_id=3, eos_token_id=3, pad_token_id=0)
+    config = cfg_cls(**hf_cfg, architectures=[cls_name], **(special_ids or SENTENCEPIECE_SPECIAL_IDS))
     model = model_cls(config)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
@@ -173,11 +178,18 @@ def validate_export(src: Source, out_dir: str, tol: float = DEFAULT_TOL) -> floa
 def export(ckpt: str, out_dir: str, run_config: Optional[str] = None, tokenizer: Optional[str] = None,
            tol: float = DEFAULT_TOL, transform: Optional[Callable] = None, verify_tokenizer: bool = True) -> Report:
     """Convert checkpoint ``ckpt`` (any engine) to a validated HF directory ``out_dir``."""
+    from pretrain.data.tokenizer import load_tokenizer
+
+    from .hf_tokenizer import is_hf_tokenizer, save_hf_tokenizer, special_ids
     from .tokenizer import save_tokenizer
 
     src = read_checkpoint(ckpt, run_config, tokenizer)
-    cls_name = write_hf(src, out_dir, transform)
-    tok_info = save_tokenizer(src.tokenizer, out_dir, src.cfg.seq_length, verify=verify_tokenizer)
+    if is_hf_tokenizer(src.tokenizer):  # GPT-2 BPE or a HF tokenizer directory: saved as is
+        cls_name = write_hf(src, out_dir, transform, special_ids(load_tokenizer(src.tokenizer)))
+        tok_info = save_hf_tokenizer(src.tokenizer, out_dir, src.cfg.seq_length, verify=verify_tokenizer)
+    else:
+        cls_name = write_hf(src, out_dir, transform)
+        tok_info = save_tokenizer(src.tokenizer, out_dir, src.cfg.seq_length, verify=verify_tokenizer)
     diff = validate_export(src, out_dir, tol)
     report = Report(kind=src.kind, source_format=src.fmt, max_abs_diff=diff, tol=tol, hf_class=cls_name,
                     out_dir=str(out_dir), tokenizer=tok_info)

@@ -107,27 +107,35 @@ def verify_tokenizer(hf, spm_path: str, texts: Optional[Iterable[str]] = None, m
     both tokenizers; raise ``ExportError`` at the first difference. Returns the number of tokens
     compared."""
     sp = SentencePieceTokenizer(spm_path)
-    if texts is None:
-        texts = list(PROBE_TEXTS) + list(_heldout_sample(max_chars))
-    n = 0
-    for text in texts:
-        a = sp.tokenize(text)
-        b = hf.encode(text, add_special_tokens=False)
-        if a != b:
-            i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            raise ExportError(
-                f"HF tokenizer differs from {spm_path} on {text[:60]!r}: at token {i}: "
-                f"sentencepiece {a[i:i + 5]} vs HF {b[i:i + 5]}"
-            )
-        if hf.decode(b) != sp.detokenize(a):
-            raise ExportError(f"HF tokenizer decodes {text[:60]!r} differently from sentencepiece")
-        n += len(a)
+    n = compare_encodings(hf, sp, spm_path, texts, max_chars)
     if hf.vocab_size != sp.vocab_size or hf.eos_token_id != sp.eos or hf.pad_token_id != sp.pad:
         raise ExportError("HF tokenizer's vocabulary size or special ids differ from sentencepiece's")
     return n
 
 
-def _heldout_sample(max_chars: int) -> List[str]:
+def compare_encodings(hf, source, name: str, texts: Optional[Iterable[str]] = None, max_chars: int = 200_000) -> int:
+    """``hf`` (a transformers tokenizer) encodes and decodes every text as ``source`` (this
+    project's tokenizer wrapper: ``tokenize`` / ``detokenize``) does; ``ExportError`` at the first
+    difference. Default texts: the probe strings and up to ``max_chars`` of held-out text."""
+    if texts is None:
+        texts = list(PROBE_TEXTS) + list(heldout_sample(max_chars))
+    n = 0
+    for text in texts:
+        a = source.tokenize(text)
+        b = hf.encode(text, add_special_tokens=False)
+        if a != b:
+            i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise ExportError(
+                f"HF tokenizer differs from {name} on {text[:60]!r}: at token {i}: "
+                f"source {a[i:i + 5]} vs HF {b[i:i + 5]}"
+            )
+        if hf.decode(b) != source.detokenize(a):
+            raise ExportError(f"HF tokenizer decodes {text[:60]!r} differently from {name}")
+        n += len(a)
+    return n
+
+
+def heldout_sample(max_chars: int) -> List[str]:
     """Paragraph-sized pieces of the held-out documents (bundled corpus), up to max_chars."""
     try:
         from pretrain.data import bundled

@@ -25,18 +25,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE
 def corpus(tmp_path_factory):
     """A byte-level BPE in GPT-2's file format (vocab.json + merges.txt), trained here on the
     bundled text (nothing is downloaded), and a jsonl with a text and a title per document."""
-    from tokenizers import ByteLevelBPETokenizer
+    from bpe_helpers import write_gpt2_bpe
 
     from pretrain.data import bundled
 
     d = tmp_path_factory.mktemp("gpt2bpe")
     docs = list(itertools.islice(bundled.corpus_documents("train"), 120))
     texts = [doc["text"][:600] for doc in docs]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
-    (d / "bpe").mkdir()
-    bpe.save_model(str(d / "bpe"))
+    write_gpt2_bpe(d / "bpe", texts, vocab_size=600)
     with open(d / "corpus.jsonl", "w") as f:
         for i, (doc, text) in enumerate(zip(docs, texts)):
             f.write(json.dumps({"text": text, "title": f"{doc.get('title', 'untitled')} part {i}"}) + "\n")
