@@ -107,24 +107,33 @@ def measure(name, shapes, kind, world, steps=2):
                     first_step_allreduce_bytes=0, first_step_allreduces=0,
                     local_elements=sum(p.numel() for p in params))
     layouts = row_layouts(shapes, world) if kind == "row" else flat_layouts(shapes, world)
+    opt, per_step, n_local = run_bound(name, layouts, steps)
+    # The last step is the steady state; the first one can differ (Adapprox's cold sketch).
+    return dict(state_bytes=opt.state_bytes(), allreduce_bytes=per_step[-1][0], allreduces_per_step=per_step[-1][1],
+                first_step_allreduce_bytes=per_step[0][0], first_step_allreduces=per_step[0][1],
+                local_elements=n_local)
+
+
+def run_bound(name: str, layouts, steps: int, **opt_kwargs):
+    """Bind one rank's local pieces (``[(name, Layout)]``) to optimizer ``name`` as one flat
+    partition and run ``steps`` steps on random gradients; returns (optimizer, [(all-reduce bytes,
+    all-reduce calls)] per step, local elements)."""
+    gen = torch.Generator().manual_seed(0)
     n_local = sum(L.length for _, L in layouts)
     flat = torch.nn.Parameter(torch.randn(n_local, generator=gen) * 0.02)
-    opt = memopt.create_optimizer(name, [flat], **OPTIMIZERS[name])
+    opt = memopt.create_optimizer(name, [flat], **OPTIMIZERS[name], **opt_kwargs)
     frags, off = [], 0
     for pname, L in layouts:
         frags.append((pname, off, L))
         off += L.length
     opt.bind_fragments(flat, frags)
     per_step = []
-    for i in range(steps):
+    for _ in range(steps):
         flat.grad = torch.randn(n_local, generator=gen) * 1e-3
         with ReducerCounter() as c:
             opt.step()
         per_step.append((c.bytes, c.calls))
-    # The last step is the steady state; the first one can differ (Adapprox's cold sketch).
-    return dict(state_bytes=opt.state_bytes(), allreduce_bytes=per_step[-1][0], allreduces_per_step=per_step[-1][1],
-                first_step_allreduce_bytes=per_step[0][0], first_step_allreduces=per_step[0][1],
-                local_elements=n_local)
+    return opt, per_step, n_local
 
 
 def main(argv=None):

@@ -30,8 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import memopt  # noqa: E402
-from bench_sharding import OPTIMIZERS, ReducerCounter  # noqa: E402
+from bench_sharding import OPTIMIZERS, run_bound  # noqa: E402
 from gpt2_shapes import gpt2_shapes  # noqa: E402
 from memopt.sharding import Layout, TensorParallelSplit, tensor_parallel_layout  # noqa: E402
 
@@ -63,23 +62,8 @@ def tp_layouts(shapes, tp: int, rank: int = 0):
 
 
 def measure(name: str, shapes, tp: int, steps: int = 2) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    layouts = tp_layouts(shapes, tp)
-    n_local = sum(L.length for _, L in layouts)
-    flat = torch.nn.Parameter(torch.randn(n_local, generator=gen) * 0.02)
     # The reference path: the payload is the same on every path, and this one is the exact one.
-    opt = memopt.create_optimizer(name, [flat], **OPTIMIZERS[name], foreach=False, fused=False)
-    frags, off = [], 0
-    for pname, L in layouts:
-        frags.append((pname, off, L))
-        off += L.length
-    opt.bind_fragments(flat, frags)
-    per_step = []
-    for _ in range(steps):
-        flat.grad = torch.randn(n_local, generator=gen) * 1e-3
-        with ReducerCounter() as c:
-            opt.step()
-        per_step.append((c.bytes, c.calls))
+    _, per_step, n_local = run_bound(name, tp_layouts(shapes, tp), steps, foreach=False, fused=False)
     return dict(bytes=per_step[-1][0], calls=per_step[-1][1], first_bytes=per_step[0][0], first_calls=per_step[0][1],
                 local_elements=n_local)
 
