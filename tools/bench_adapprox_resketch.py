@@ -7,7 +7,7 @@ with K = 1, 2, 4, 8. At every step the optimizer's own second-moment operator
 V_t = beta2 Q_{t-1} U_{t-1}^T + (1 - beta2) G*G of its 512 x 256 weight is formed explicitly in
 float64 and the error ||V_t - Q_t U_t^T||_F / ||V_t||_F of the new factors is divided by the
 optimal rank-k error (truncated SVD of V_t, k the rank used): 1.0 means as good as any rank-k
-factorization. Also the training loss at the end (mean of the last 10 steps), per K and seed.
+factorization (steps 2-10, then every 5th). Also the training loss at the end (mean of the last 10 steps), per K and seed.
 
 Step time: GPT-2 124M shapes, fp32, one fixed random gradient per parameter, torch
 AdamW(fused=True) and Adapprox at each K interleaved round by round in one process; the mean of
@@ -69,6 +69,8 @@ def accuracy(k_every: int, seed: int, steps: int) -> dict:
             v = v + beta2 * q_prev.double() @ st["U"].double().T
         opt.step()
         losses.append(float(loss.detach()))
+        if step >= 10 and step % 5:  # the float64 SVD costs more than the step: every 5th step
+            continue
         q, u = opt.state[w]["Q"].double(), opt.state[w]["U"].double()
         k = q.shape[-1]
         err = float(torch.linalg.norm(v - q @ u.T) / torch.linalg.norm(v))
@@ -111,7 +113,7 @@ def step_time(steps: int, warmup: int) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("accuracy", "time", "both"), default="both")
-    ap.add_argument("--steps", type=int, default=300, help="training steps of the accuracy runs")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of the accuracy runs")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--time-steps", type=int, default=8, help="timed rounds (a multiple of every K)")
     ap.add_argument("--warmup", type=int, default=2)
