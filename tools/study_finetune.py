@@ -184,7 +184,7 @@ def write_report(results: dict, out: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for v in results.values() for r in v["sweep"] if not r.get("missing")]
+    runs = [r for v in results.values() for r in v["sweep"] + v.get("finals", []) if not r.get("missing")]
     lines = [f"**{meta['label']}**", ""] if meta.get("label") else []
     lines += ["# Fine-tuning the demo GPT on held-out text: AdaLomo vs AdamW vs LoRA vs LOMO", "",
               f"Command: `{meta['command']}`", "", f"Base: {meta['base']}. Runs: {len(runs)}; summed run time "
