@@ -85,13 +85,18 @@ def reference(case: str, steps: int = STEPS, shapes=SHAPES) -> list[torch.Tensor
     opt = memopt.create_optimizer(name, model.parameters(), **hp)
     for step in range(steps):
         loss = model(batch(step, shapes))
-        if fused:
-            opt.fused_backward(loss)
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, loss, fused)
     return [p.detach().clone() for p in model.ps]
+
+
+def optimizer_step(opt, loss, fused: bool) -> None:
+    """One step: memopt's fused backward (updates inside backward), or backward + step."""
+    if fused:
+        opt.fused_backward(loss)
+    else:
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def free_port() -> int:
@@ -152,12 +157,7 @@ def fsdp2_worker(rank, world, cases, steps=STEPS):
         reset_comm_stats()
         for step in range(steps):
             loss = model(local_batch(step, rank, world))
-            if fused:
-                opt.fused_backward(loss)
-            else:
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, loss, fused)
         out[case + ":collectives"] = COMM_STATS["collectives"]
         out[case] = [p.full_tensor().detach().clone() for p in model.ps]
         out[case + ":state_bytes"] = opt.state_bytes()
@@ -273,12 +273,7 @@ def train_steps(model, opt, steps, rank=0, world=1, fused=False):
     for step in steps:
         xs = batch(step) if world == 1 else local_batch(step, rank, world)
         loss = model(xs)
-        if fused:
-            opt.fused_backward(loss)
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, loss, fused)
 
 
 def load_full_params(model, full_params):

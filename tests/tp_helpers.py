@@ -96,15 +96,6 @@ def dp_batch(step: int, dp_rank: int, dp: int):
     return [x[dp_rank * per:(dp_rank + 1) * per] for x in dh.batch(step, TP_SHAPES)]
 
 
-def _step(model, opt, loss, fused):
-    if fused:
-        opt.fused_backward(loss)
-    else:
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
 def whole_worker(rank, world, tp, cases, steps=dh.STEPS, tag="whole"):
     """TP slices as plain tensors; DDP over the DP group when DP > 1 (fused: its comm hook)."""
     import memopt
@@ -136,7 +127,7 @@ def whole_worker(rank, world, tp, cases, steps=dh.STEPS, tag="whole"):
 
                 fused_backward(ddp, opt, ddp(xs))
             else:
-                _step(model, opt, (ddp or model)(xs), fused)
+                dh.optimizer_step(opt, (ddp or model)(xs), fused)
         out[(tag, case, "collectives")] = COMM_STATS["collectives"]
         out[(tag, case)] = model.full_params(model.ps)
         out[(tag, case, "full_state")] = full_state_dict(opt, model)
@@ -158,7 +149,7 @@ def fsdp2_worker(rank, world, tp, cases, steps=dh.STEPS, tag="fsdp2"):
         model.mark(list(model.ps), tp_dp)  # after fully_shard, which replaces the parameters
         opt = memopt.create_optimizer(name, model.parameters(), **hp)
         for step in range(steps):
-            _step(model, opt, model(dp_batch(step, dp_rank, dp)), fused)
+            dh.optimizer_step(opt, model(dp_batch(step, dp_rank, dp)), fused)
         out[(tag, case)] = model.full_params([p.full_tensor() for p in model.ps])
         out[(tag, case, "state_bytes")] = opt.state_bytes()
     return out
@@ -252,7 +243,7 @@ def resume_worker(rank, world, tp, cases, saved=None, split=3, steps=dh.STEPS):
                     p.copy_(model.slice(full, d))
             load_full_state_dict(opt, state, model)
         for step in todo:
-            _step(model, opt, model(dp_batch(step, 0, 1)), fused)
+            dh.optimizer_step(opt, model(dp_batch(step, 0, 1)), fused)
         params = model.full_params(model.ps)
         out[case] = (params, full_state_dict(opt, model)) if saved is None else params
     return out
