@@ -6,6 +6,16 @@ evaluation, and a report with tables and plots under docs/results/.
     python tools/compare_optimizers.py --plan --measure-steps 6   # measure tokens/s, print the plan and its predicted time
     python tools/compare_optimizers.py --optimizers adamw,adalomo,sgd --tasks gpt \\
         --gpt-override model.preset=tiny --budget-tokens 8192 --seeds 1234 --out /tmp/smoke --label "SMOKE RUN"
+    python tools/compare_optimizers.py --long --plan --measure-steps 40   # the long study's plan and predicted time
+    python tools/compare_optimizers.py --long --jobs 2 --deadline-min 140  # one sitting of it (repeat to resume)
+
+``--long`` is the long, fair study (docs/results/long/): GPT at the sizes of ``--sizes`` and BERT
+at ``--bert-sizes`` (pretrain/study/catalog.py SIZES, the 1k tokenizer), 2,000 steps of >= 20
+tokens per parameter, warm-up (5%) + cosine, 4 learning rates half a decade apart around each
+optimizer's long-study centre, extended outward (up to 3 times) while the best sits at an edge,
+3 seeds at the best lr, no zero-shot evaluation (a 1k-vocabulary model of 0.2M parameters scores
+at chance). It takes many hours on 2 cores: run it in sittings with ``--deadline-min``; each
+sitting reuses the finished runs and writes a report marked PARTIAL until every run is done.
 
 For each task (GPT on configs/gpt_demo.yaml; BERT MLM on configs/bert_tiny.yaml, the smaller
 scale) and each optimizer: ``--lrs-per-optimizer`` log-spaced learning rates spanning
@@ -29,6 +39,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,10 +83,45 @@ def parse_args(argv=None):
     ap.add_argument("--plan", action="store_true", help="print the plan and its predicted time; train nothing")
     ap.add_argument("--measure-steps", type=int, default=0,
                     help="with --plan: measure tokens/s per optimizer with runs of this many steps first")
-    args = ap.parse_args(argv)
+    ap.add_argument("--long", action="store_true", help="the long fair study's settings (see above); "
+                    "options given explicitly still win")
+    ap.add_argument("--sizes", default=None, help="GPT model sizes (pretrain/study/catalog.py SIZES), e.g. s,m; "
+                    "replaces --gpt-config's model")
+    ap.add_argument("--bert-sizes", default=None, help="BERT model sizes, e.g. s")
+    ap.add_argument("--steps", type=int, default=2000, help="steps per run with --sizes (default 2000)")
+    ap.add_argument("--min-tokens-per-param", type=float, default=20.0,
+                    help="with --sizes: refuse a size whose budget gives fewer tokens per parameter")
+    ap.add_argument("--tokenizer", default=None, help="sentencepiece model for --sizes runs (default: the 1k one)")
+    ap.add_argument("--warmup-fraction", type=float, default=None, help="warm-up steps as a fraction of each run")
+    ap.add_argument("--max-extensions", type=int, default=0,
+                    help="lr points added outward while the best lr sits at an edge of the grid")
+    ap.add_argument("--jobs", type=int, default=1, help="optimizers trained side by side (each with cores/jobs threads)")
+    ap.add_argument("--deadline-min", type=float, default=None,
+                    help="start no run after this many minutes; the report is then marked PARTIAL")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(raw)
+    if args.long:
+        given = {a.split("=")[0] for a in raw if a.startswith("--")}
+        for opt, value in LONG_DEFAULTS.items():
+            if opt not in given:
+                setattr(args, opt[2:].replace("-", "_"), value)
     if args.lrs_per_optimizer < 1:
         ap.error("--lrs-per-optimizer must be >= 1")
+    if args.jobs < 1 or args.max_extensions < 0 or args.steps < 2:
+        ap.error("--jobs must be >= 1, --max-extensions >= 0 and --steps >= 2")
     return args
+
+
+def _long_defaults() -> dict:
+    from pretrain.study.catalog import LONG_OPTIMIZERS
+
+    return {"--optimizers": ",".join(LONG_OPTIMIZERS), "--tasks": "gpt,bert", "--sizes": "s,m", "--bert-sizes": "s",
+            "--lrs-per-optimizer": 4, "--lr-span-decades": 1.5, "--max-extensions": 3,
+            "--seeds": "1234,1235,1236", "--evals-per-run": 10, "--warmup-fraction": 0.05, "--no-zeroshot": True,
+            "--out": str(ROOT / "docs/results/long"), "--work-dir": str(ROOT / "runs/long_study")}
+
+
+LONG_DEFAULTS = _long_defaults()
 
 
 def parse_lr_centers(items: list[str], keys: list[str]) -> dict[str, float]:
@@ -97,13 +143,37 @@ def parse_lr_centers(items: list[str], keys: list[str]) -> dict[str, float]:
     return out
 
 
+def sized_tasks(args, task: str, sizes: str, config: str, extra: list[str]) -> list:
+    """One TaskPlan per model size: ``steps`` steps of the size's batch, the long-study lr centres."""
+    from pretrain.study.catalog import LONG_LR_CENTERS, LONG_TOKENIZER, SIZES, size_hparams
+    from pretrain.study.study import TaskPlan
+
+    tokenizer = args.tokenizer or str(ROOT / LONG_TOKENIZER)
+    out = []
+    for name in [x for x in sizes.split(",") if x]:
+        if name not in SIZES:
+            raise SystemExit(f"error: unknown model size {name!r}; choices: {', '.join(SIZES)}")
+        size = SIZES[name]
+        tokens = args.steps * size.micro_batch * 128
+        out.append(TaskPlan(task, config, tokens, tokens, [*size.overrides(), *extra], zeroshot=False,
+                            name=f"{task}_{name}", tokenizer=tokenizer,
+                            cache_dir=str(ROOT / "data/cache" / Path(tokenizer).stem),
+                            lr_centers=LONG_LR_CENTERS[task], hparams=size_hparams(size),
+                            warmup_fraction=args.warmup_fraction))
+    return out
+
+
 def build_plan(args):
     from pretrain.study.catalog import resolve
     from pretrain.study.study import StudyPlan, TaskPlan
 
     tasks = []
     for task in [t for t in args.tasks.split(",") if t]:
-        if task == "gpt":
+        if task == "gpt" and args.sizes:
+            tasks += sized_tasks(args, "gpt", args.sizes, str(ROOT / "configs/gpt_tiny.yaml"), list(args.gpt_override))
+        elif task == "bert" and args.bert_sizes:
+            tasks += sized_tasks(args, "bert", args.bert_sizes, str(ROOT / "configs/bert_tiny.yaml"), list(args.bert_override))
+        elif task == "gpt":
             tasks.append(TaskPlan("gpt", args.gpt_config, args.budget_tokens, args.sweep_tokens or args.budget_tokens,
                                   list(args.gpt_override), zeroshot=not args.no_zeroshot))
         elif task == "bert":
@@ -114,20 +184,40 @@ def build_plan(args):
     entries = resolve([k for k in args.optimizers.split(",") if k])
     centers = parse_lr_centers(args.lr_center, [e.key for e in entries])
     entries = [dataclasses.replace(e, lr_center=centers[e.key]) if e.key in centers else e for e in entries]
+    for tp in tasks:  # --lr-center wins over a task's own centres too
+        tp.lr_centers = {k: v for k, v in tp.lr_centers.items() if k not in centers}
+    deadline = None if args.deadline_min is None else time.time() + 60 * args.deadline_min
     return StudyPlan(tasks=tasks, entries=entries,
                      lrs_per_optimizer=args.lrs_per_optimizer, lr_span_decades=args.lr_span_decades,
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s), evals_per_run=args.evals_per_run,
-                     zeroshot_limit=args.zeroshot_limit, work_dir=args.work_dir)
+                     zeroshot_limit=args.zeroshot_limit, work_dir=args.work_dir, max_extensions=args.max_extensions,
+                     jobs=args.jobs, deadline=deadline)
+
+
+def check_token_budgets(plan, min_tokens_per_param: float) -> dict:
+    """{task name: parameters} for the sized tasks; exits with one line when a budget is too small."""
+    from pretrain.study.study import model_parameters
+
+    params = {}
+    for tp in plan.tasks:
+        if tp.name == tp.task:
+            continue
+        n = params[tp.name] = model_parameters(tp)
+        if tp.budget_tokens < min_tokens_per_param * n:
+            raise SystemExit(f"error: {tp.name}: {tp.budget_tokens:,} tokens is {tp.budget_tokens / n:.1f} per parameter "
+                             f"({n:,} parameters), below --min-tokens-per-param {min_tokens_per_param:g}; "
+                             "raise --steps or the size's micro_batch")
+    return params
 
 
 def planned_runs(plan) -> list[dict]:
-    """(task, key, train runs, tokens) of the plan."""
+    """(task, key, train runs, tokens) of the plan, without grid extensions (each adds one sweep run)."""
     rows = []
     for tp in plan.tasks:
         reuse = tp.sweep_tokens == tp.budget_tokens
         n_final = len(plan.seeds) - (1 if reuse else 0)
         for e in plan.entries:
-            rows.append(dict(task=tp.task, key=e.key, label=e.label, runs=plan.lrs_per_optimizer + n_final,
+            rows.append(dict(task=tp.name, key=e.key, label=e.label, runs=plan.lrs_per_optimizer + n_final,
                              tokens=plan.lrs_per_optimizer * tp.sweep_tokens + n_final * tp.budget_tokens))
     return rows
 
@@ -172,15 +262,18 @@ def measure(plan, steps: int) -> dict:
     for tp in plan.tasks:
         per_step = tokens_per_step(tp.config, tp.model_overrides)[2]
         for e in plan.entries:
-            r = subprocess_run(train_spec(mplan, tp, e, e.lr_center, plan.seeds[0], "measure", steps * per_step, False, False))
+            spec = train_spec(mplan, tp, e, plan.lrs(e, tp)[0], plan.seeds[0], "measure", steps * per_step, False, False)
+            if plan.jobs > 1:
+                spec["threads"] = max(1, (os.cpu_count() or 1) // plan.jobs)
+            r = subprocess_run(spec)
             idle = (r.get("tokens_per_cpu_s") or 0) * (r.get("torch_threads") or 1)
-            speeds[(tp.task, e.key)] = dict(tokens_per_s=r.get("tokens_per_s"), idle_tokens_per_s=idle or None)
-            print(f"measured {tp.task} {e.key}: {r.get('tokens_per_s') or 0:.0f} tokens/s wall, "
+            speeds[(tp.name, e.key)] = dict(tokens_per_s=r.get("tokens_per_s"), idle_tokens_per_s=idle or None)
+            print(f"measured {tp.name} {e.key}: {r.get('tokens_per_s') or 0:.0f} tokens/s wall, "
                   f"{idle:.0f} tokens/s at the CPU time's rate (run wall {r.get('wall_s') or 0:.0f} s)", flush=True)
     return speeds
 
 
-def meta_for(plan, args, argv) -> dict:
+def meta_for(plan, args, argv, params: dict) -> dict:
     from pretrain.study.study import steps_for, tokens_per_step
 
     tasks = {}
@@ -188,19 +281,25 @@ def meta_for(plan, args, argv) -> dict:
         mbs, seq, per_step = tokens_per_step(tp.config, tp.model_overrides)
         from pretrain.config import load_run_config
 
-        cfg = load_run_config(tp.config, [f"data.tokenizer={ROOT / 'data/tokenizer/spm_bpe_8k.model'}", *tp.model_overrides])
-        tasks[tp.task] = dict(model=f"{cfg.model.kind} preset '{cfg.model.preset}' ({Path(tp.config).name}"
-                              + (", " + ", ".join(tp.model_overrides) if tp.model_overrides else "") + f"), {mbs} x {seq} tokens per step",
+        cfg = load_run_config(tp.config, [f"data.tokenizer={tp.tokenizer}", *tp.model_overrides])
+        n = params.get(tp.name)
+        tasks[tp.name] = dict(model=f"{cfg.model.kind} preset '{cfg.model.preset}' ({Path(tp.config).name}"
+                              + (", " + ", ".join(tp.model_overrides) if tp.model_overrides else "") + f"), {mbs} x {seq} tokens per step"
+                              + (f", {n:,} parameters, tokenizer {Path(tp.tokenizer).name}" if n else ""),
+                              kind=tp.task, parameters=n, tokens_per_param=tp.budget_tokens / n if n else None,
+                              warmup_fraction=tp.warmup_fraction,
                               budget_tokens=tp.budget_tokens, sweep_tokens=tp.sweep_tokens, tokens_per_step=per_step,
                               budget_steps=steps_for(tp.budget_tokens, per_step), seeds=list(plan.seeds),
-                              zeroshot_limit=plan.zeroshot_limit)
+                              zeroshot_limit=plan.zeroshot_limit, lr_grids={e.key: plan.lrs(e, tp) for e in plan.entries})
     import torch
 
     cmd = "python tools/compare_optimizers.py" + "".join(" " + shlex.quote(a) for a in argv)
     return dict(command=cmd, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 machine=f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
                         f"load average at the start {os.getloadavg()[0]:.1f}",
-                optimizers=[e.key for e in plan.entries], lr_grids={e.key: plan.lrs(e) for e in plan.entries},
+                optimizers=[e.key for e in plan.entries], max_extensions=plan.max_extensions,
+                # the setup table's grid: the first task's (each task's sweep table has its own)
+                lr_grids={e.key: plan.lrs(e, plan.tasks[0] if plan.tasks else None) for e in plan.entries},
                 tasks=tasks)
 
 
@@ -211,6 +310,10 @@ def main(argv=None, run_fn=None) -> int:
     from pretrain.study.study import run_study, subprocess_run
 
     plan = build_plan(args)
+    params = check_token_budgets(plan, args.min_tokens_per_param)
+    for name, n in params.items():
+        tp = next(t for t in plan.tasks if t.name == name)
+        print(f"{name}: {n:,} parameters, {tp.budget_tokens:,} tokens per run = {tp.budget_tokens / n:.1f} per parameter")
     if args.plan:
         speeds = measure(plan, args.measure_steps) if args.measure_steps else None
         t = timing(plan, None, speeds)
@@ -222,10 +325,15 @@ def main(argv=None, run_fn=None) -> int:
         print(f"predicted training time: {t['predicted_total_s'] / 60:.1f} min at the measured wall speed, "
               f"{t['predicted_idle_total_s'] / 60:.1f} min on an idle machine (plus start-up, evaluation, zero-shot)")
         return 0
-    meta = meta_for(plan, args, argv)
+    meta = meta_for(plan, args, argv, params)
+    from pretrain.data import bundled
+
+    for tokenizer, cache in sorted({(tp.tokenizer, tp.cache_dir) for tp in plan.tasks}):
+        bundled.prepare(cache, tokenizer)  # once, before runs side by side would each start preparing it
     study = run_study(plan, run_fn or subprocess_run)
     meta["timing"] = timing(plan, study)
-    write_report(study, meta, Path(args.out), args.label)
+    label = args.label or ("PARTIAL: the study is not finished; repeat the command to resume it" if study["partial"] else None)
+    write_report(study, meta, Path(args.out), label)
     print(f"wrote {Path(args.out) / 'report.md'} ({study['wall_s'] / 60:.1f} min)")
     return 0
 

@@ -67,7 +67,7 @@ def summarize_task(task_out: dict) -> dict:
             verdict = a["hi"] < b["lo"]
         pairs.append(dict(better=a["key"], worse=b["key"], gap=b["mean"] - a["mean"], beyond_noise=verdict))
     return dict(rows=rows, ranking=[r["key"] for r in ranked], pairs=pairs,
-                failed_sweep=task_out.get("failed_sweep", []))
+                failed_sweep=task_out.get("failed_sweep", []), incomplete=task_out.get("incomplete", []))
 
 
 def compare_with_paper(summary: dict) -> dict:
@@ -95,7 +95,12 @@ def _plt():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    # up to 13 optimizers in one plot: 10 colours x distinct markers/line styles stay apart
+    plt.rcParams["axes.prop_cycle"] = (cycler(color=plt.cm.tab10.colors[:7] * 2)
+                                       + cycler(linestyle=["-"] * 7 + ["--"] * 7)
+                                       + cycler(marker=list("osD^v<>") * 2))
     return plt
 
 
@@ -115,7 +120,7 @@ def plot_loss_vs_tokens(task: str, task_out: dict, summary: dict, path: Path) ->
         if not toks:
             continue
         mean = [statistics.fmean(by_tok[t]) for t in toks]
-        line, = ax.plot(toks, mean, "o-", ms=3, label=f"{summary['rows'][key]['label']} (lr {summary['rows'][key]['best_lr']:.3g})")
+        line, = ax.plot(toks, mean, ms=3, label=f"{summary['rows'][key]['label']} (lr {summary['rows'][key]['best_lr']:.3g})")
         if len(finals) > 1:
             ax.fill_between(toks, [min(by_tok[t]) for t in toks], [max(by_tok[t]) for t in toks],
                             color=line.get_color(), alpha=0.2)
@@ -136,7 +141,7 @@ def plot_memory_vs_loss(task: str, summary: dict, path: Path) -> None:
         r = summary["rows"][key]
         for ax, field in zip(axes, ("optimizer_state_bytes", "peak_memory_bytes")):
             x = (r.get(field) or 0) / MB
-            ax.errorbar([x], [r["mean"]], yerr=[[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]], fmt="o", capsize=3)
+            ax.errorbar([x], [r["mean"]], yerr=[[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]], capsize=3, ls="none")
             ax.annotate(r["label"], (x, r["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     axes[0].set_xlabel("optimizer state (MiB, end of training)")
     axes[1].set_xlabel("peak RSS of the training process (MiB)")
@@ -155,16 +160,65 @@ def plot_sweep(task: str, summary: dict, path: Path) -> None:
     for key, r in summary["rows"].items():
         pts = [(lr, v) for lr, v, failed in r["sweep"] if _finite(v) and not failed]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=r["label"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=4, label=r["label"])
+    _finish_log_x(plt, fig, ax, path, "peak learning rate", "final validation loss (sweep seed)",
+                  f"{task.upper()}: learning-rate sweep (diverged runs omitted)")
+
+
+def _finish_log_x(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss (sweep seed)")
-    ax.set_title(f"{task.upper()}: learning-rate sweep (diverged runs omitted)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_scale(kind: str, names: list[str], params: dict, summaries: dict, path: Path) -> None:
+    """Final validation loss (mean, min-max bars over seeds) against model parameters, per optimizer."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    keys = list(dict.fromkeys(k for n in names for k in summaries[n]["ranking"]))
+    for key in keys:
+        pts = [(params[n], summaries[n]["rows"][key]) for n in names if "mean" in summaries[n]["rows"].get(key, {})]
+        if pts:
+            ax.errorbar([p for p, _ in pts], [r["mean"] for _, r in pts],
+                        yerr=[[r["mean"] - r["lo"] for _, r in pts], [r["hi"] - r["mean"] for _, r in pts]],
+                        capsize=3, ms=4, label=pts[0][1]["label"])
+    _finish_log_x(plt, fig, ax, path, "model parameters", "final validation loss (tuned lr, mean over seeds)",
+                  f"{kind.upper()}: final loss vs model size")
+
+
+def scale_section(kind: str, names: list[str], meta: dict, summaries: dict, plot: str) -> list[str]:
+    """The scale axis: each optimizer's final loss and rank at every size, and where the ranking flips."""
+    params = {n: meta["tasks"][n]["parameters"] for n in names}
+    keys = list(dict.fromkeys(k for n in names for k in summaries[n]["rows"]))
+    L = [f"## {kind.upper()} across model sizes", "",
+         "Final validation loss at each optimizer's own tuned lr per size (mean +- half-range over seeds; rank in "
+         "brackets; '-' = not finished yet).", "",
+         "| optimizer | " + " | ".join(f"{n} ({params[n] / 1e6:.2f}M)" for n in names) + " |",
+         "|---|" + "---|" * len(names)]
+    for key in keys:
+        cells = []
+        for n in names:
+            r = summaries[n]["rows"].get(key, {})
+            rank = summaries[n]["ranking"].index(key) + 1 if key in summaries[n]["ranking"] else None
+            cells.append(f"{r['mean']:.3f} +- {r['half_range']:.3f} ({rank})" if "mean" in r else "-")
+        label = next(summaries[n]["rows"][key]["label"] for n in names if key in summaries[n]["rows"])
+        L.append(f"| {label} | " + " | ".join(cells) + " |")
+    flips = []
+    for a, b in zip(names, names[1:]):
+        common = [k for k in summaries[a]["ranking"] if k in summaries[b]["ranking"]]
+        order_b = [k for k in summaries[b]["ranking"] if k in common]
+        for x, y in combinations(common, 2):  # x ranks above y at size a
+            if order_b.index(x) > order_b.index(y):
+                flips.append(f"{summaries[a]['rows'][x]['label']} / {summaries[a]['rows'][y]['label']} ({a} -> {b})")
+    L += ["", "Pairs whose order flips between adjacent sizes: " + ("; ".join(flips) if flips else "none")
+          + (" (among optimizers finished at both sizes)." if len(names) > 1 else "."), "", f"![final loss vs size]({plot})", ""]
+    return L
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -189,8 +243,9 @@ def _zs_columns(rows: dict) -> list[tuple[str, str]]:
 def task_section(task: str, meta: dict, task_out: dict, summary: dict, plots: dict) -> list[str]:
     rows = summary["rows"]
     L = [f"## {task.upper()}: {meta['model']}", ""]
+    per_param = (f" = {meta['tokens_per_param']:.1f} tokens per parameter" if meta.get("tokens_per_param") else "")
     L += [f"Budget: {meta['budget_tokens']:,} tokens per final run ({meta['budget_steps']} steps of "
-          f"{meta['tokens_per_step']} tokens), {meta['sweep_tokens']:,} per sweep run; seeds {meta['seeds']}. "
+          f"{meta['tokens_per_step']} tokens{per_param}), {meta['sweep_tokens']:,} per sweep run; seeds {meta['seeds']}. "
           + ("The sweep budget equals the final budget, so the best sweep run is the first seed's final run."
              if meta['sweep_tokens'] == meta['budget_tokens'] else ""), ""]
     L += ["### Learning-rate sweep (final validation loss, sweep seed)", "",
@@ -207,6 +262,9 @@ def task_section(task: str, meta: dict, task_out: dict, summary: dict, plots: di
         L += ["", "*(edge of grid)*: the best lr is the smallest or largest tried; the optimum may lie outside the grid."]
     if summary["failed_sweep"]:
         L += ["", f"Every sweep run failed for: {', '.join(summary['failed_sweep'])} (no final runs)."]
+    if summary["incomplete"]:
+        L += ["", f"Not finished yet (the study's deadline came first): {', '.join(summary['incomplete'])}; "
+              "their rows are missing or partial."]
     zcols = _zs_columns(rows)
     L += ["", "### Final runs at the tuned lr", "",
           "Ranked by mean final validation loss; +- is the half-range over seeds. Memory: the optimizer state "
@@ -251,9 +309,9 @@ def task_section(task: str, meta: dict, task_out: dict, summary: dict, plots: di
     return L
 
 
-def paper_section(cmp: dict, summary: dict) -> list[str]:
+def paper_section(cmp: dict, summary: dict, task: str = "gpt") -> list[str]:
     rows = summary["rows"]
-    L = ["## Ranking compared with the reported results", "", f"Reference: {PAPER_SOURCE}.", "",
+    L = ["## Ranking compared with the reported results" + ("" if task == "gpt" else f" ({task})"), "", f"Reference: {PAPER_SOURCE}.", "",
          "Paper order (best first): " + " < ".join(f"{p} ({PAPER_LOSS[p]:.2f})" for p in cmp["paper_order"]) + ".  ",
          "Our order (GPT, mean final validation loss, those with a paper row): "
          + " < ".join(rows[k]["label"] for k in cmp["our_order"]) + ".", ""]
@@ -303,10 +361,15 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
         hp = ", ".join(f"{k}={v}" for k, v in e.hparams.items()) or "defaults"
         L.append(f"| {e.label} | `{e.optimizer}` ({hp}){'; ' + e.note if e.note else ''} | "
                  f"{', '.join(f'{x:.3g}' for x in meta['lr_grids'][key])} |")
+    fractions = {t.get("warmup_fraction") for t in meta["tasks"].values()}
+    warmup = (f"{fractions.pop():.0%} of the steps" if len(fractions) == 1 and None not in fractions
+              else "min(20, steps/10) steps")
     L += ["", "Every optimizer sees the same initialization and the same data order for a given seed (the "
-          "trainer's `train.seed` fixes both); schedule: linear warm-up (min(20, steps/10) steps) then cosine "
+          f"trainer's `train.seed` fixes both); schedule: linear warm-up ({warmup}) then cosine "
           "to 0.1 x lr; the engine clips the global gradient norm at 1.0 for the non-fused optimizers. The lr "
-          "of each optimizer is chosen by the lowest final validation loss of its sweep run.", ""]
+          "of each optimizer is chosen by the lowest final validation loss of its sweep run"
+          + (f"; while it sits at an edge of the grid, the grid is extended outward (up to {meta['max_extensions']} points)"
+             if meta.get("max_extensions") else "") + ".", ""]
     if meta.get("timing"):
         L += timing_section(meta["timing"])
     for task, task_out in study["tasks"].items():
@@ -316,9 +379,15 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
         plot_memory_vs_loss(task, s, out_dir / plots["memory"])
         plot_sweep(task, s, out_dir / plots["sweep"])
         L += task_section(task, meta["tasks"][task], task_out, s, plots)
-        if task == "gpt":
+        if task_out.get("task", task) == "gpt":
             cmp = s["paper"] = compare_with_paper(s)
-            L += paper_section(cmp, s)
+            L += paper_section(cmp, s, task)
+    for kind in ("gpt", "bert"):
+        names = [n for n, m in meta["tasks"].items() if m.get("kind") == kind and m.get("parameters") and n in summaries]
+        if len(names) > 1:
+            plot = f"loss_vs_size_{kind}.png"
+            plot_scale(kind, names, {n: meta["tasks"][n]["parameters"] for n in names}, summaries, out_dir / plot)
+            L += scale_section(kind, names, meta, summaries, plot)
     L += ["## Raw data", "", "`results.json`: every run (spec, curves, summary, memory, zero-shot) and the summaries; "
           "`raw/<task>/<run>/metrics.jsonl`: the trainer's log of every run.", ""]
     (out_dir / "report.md").write_text("\n".join(L))
