@@ -98,6 +98,8 @@ def parse_args(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="optimizers trained side by side (each with cores/jobs threads)")
     ap.add_argument("--deadline-min", type=float, default=None,
                     help="start no run after this many minutes; the report is then marked PARTIAL")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write the report from the runs finished so far (= --deadline-min 0)")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(raw)
     if args.long:
@@ -107,6 +109,8 @@ def parse_args(argv=None):
                 setattr(args, opt[2:].replace("-", "_"), value)
     if args.lrs_per_optimizer < 1:
         ap.error("--lrs-per-optimizer must be >= 1")
+    if args.report_only:
+        args.deadline_min = 0.0
     if args.jobs < 1 or args.max_extensions < 0 or args.steps < 2:
         ap.error("--jobs must be >= 1, --max-extensions >= 0 and --steps >= 2")
     return args
@@ -222,11 +226,13 @@ def planned_runs(plan) -> list[dict]:
     return rows
 
 
-def timing(plan, study, speeds: dict | None = None) -> dict:
-    """Predicted (tokens / tokens/s) and actual time per task and optimizer. Two speeds: the
-    wall-clock tokens/s measured (which on a shared machine mostly measures the load), and the
+def timing(plan, study, speeds: dict | None = None, params: dict | None = None) -> dict:
+    """Predicted (tokens / tokens/s), actual and remaining time per task and optimizer. Two speeds:
+    the wall-clock tokens/s measured (which on a shared machine mostly measures the load), and the
     load-independent one, tokens per CPU-second x torch threads (what an otherwise idle machine
-    gives at perfect thread scaling, so an optimistic bound)."""
+    gives at perfect thread scaling, so an optimistic bound). A task with no run of an optimizer
+    yet takes that optimizer's speed on another size of the same model, scaled by the parameter
+    ratio (compute per token ~ parameters), marked ``extrapolated``."""
     rows = []
     for row in planned_runs(plan):
         runs = []
@@ -238,19 +244,38 @@ def timing(plan, study, speeds: dict | None = None) -> dict:
         cps = [r["tokens_per_cpu_s"] * (r.get("torch_threads") or 1) for r in runs if r.get("tokens_per_cpu_s")]
         speed = statistics.median(tps) if tps else measured.get("tokens_per_s")
         idle = statistics.median(cps) if cps else measured.get("idle_tokens_per_s")
-        actual = None
+        actual, done_tokens, done_runs = None, 0, 0
         if runs:
             seen, actual = set(), 0.0
             for r in runs:
                 if r["name"] not in seen:
                     seen.add(r["name"])
+                    done_runs += 1
+                    done_tokens += r.get("tokens_budget") or 0
                     actual += (r.get("process_wall_s") or r.get("wall_s") or 0)
                     actual += (r.get("zeroshot_wall_s") or 0) if r.get("reused_from_sweep") else 0
-        rows.append(dict(row, tokens_per_s=speed, predicted_s=row["tokens"] / speed if speed else None,
-                         idle_tokens_per_s=idle, predicted_idle_s=row["tokens"] / idle if idle else None, actual_s=actual))
+        rows.append(dict(row, tokens_per_s=speed, idle_tokens_per_s=idle, actual_s=actual, extrapolated=False,
+                         done_runs=done_runs, remaining_tokens=max(0, row["tokens"] - done_tokens)))
+    kind = {tp.name: tp.task for tp in plan.tasks}
+    for row in rows:
+        if row["tokens_per_s"] is None and params and params.get(row["task"]):
+            peers = [r for r in rows if r["key"] == row["key"] and r["task"] != row["task"] and r["tokens_per_s"]
+                     and kind[r["task"]] == kind[row["task"]] and params.get(r["task"])]
+            if peers:
+                ratio = params[peers[0]["task"]] / params[row["task"]]
+                row.update(tokens_per_s=peers[0]["tokens_per_s"] * ratio, extrapolated=True,
+                           idle_tokens_per_s=(peers[0]["idle_tokens_per_s"] or 0) * ratio or None)
+    for row in rows:
+        speed, idle = row["tokens_per_s"], row["idle_tokens_per_s"]
+        row.update(predicted_s=row["tokens"] / speed if speed else None,
+                   predicted_idle_s=row["tokens"] / idle if idle else None,
+                   remaining_s=row["remaining_tokens"] / speed if speed else None)
     return dict(rows=rows, predicted_total_s=sum(r["predicted_s"] or 0 for r in rows),
                 predicted_idle_total_s=sum(r["predicted_idle_s"] or 0 for r in rows),
-                actual_total_s=study["wall_s"] if study is not None else 0.0)
+                remaining_total_s=sum(r["remaining_s"] or 0 for r in rows),
+                remaining_runs=sum(max(0, r["runs"] - r["done_runs"]) for r in rows),
+                unknown_speed=[f"{r['task']}/{r['key']}" for r in rows if r["tokens_per_s"] is None],
+                actual_total_s=study["wall_s"] if study is not None else 0.0, jobs=plan.jobs)
 
 
 def measure(plan, steps: int) -> dict:
@@ -316,9 +341,10 @@ def main(argv=None, run_fn=None) -> int:
         print(f"{name}: {n:,} parameters, {tp.budget_tokens:,} tokens per run = {tp.budget_tokens / n:.1f} per parameter")
     if args.plan:
         speeds = measure(plan, args.measure_steps) if args.measure_steps else None
-        t = timing(plan, None, speeds)
+        t = timing(plan, None, speeds, params)
         for r in t["rows"]:
             p = (f"{r['predicted_s'] / 60:.1f} min at the measured wall speed, {r['predicted_idle_s'] / 60:.1f} min idle"
+                 + (" (extrapolated from another size)" if r["extrapolated"] else "")
                  if r["predicted_s"] and r["predicted_idle_s"] else "? (no tokens/s: add --measure-steps)")
             print(f"{r['task']:5s} {r['key']:14s} {r['runs']} runs, {r['tokens']:>9,} tokens, "
                   f"{r['tokens_per_s'] or 0:6.0f} tok/s wall, {r['idle_tokens_per_s'] or 0:6.0f} idle -> {p}")
@@ -331,7 +357,7 @@ def main(argv=None, run_fn=None) -> int:
     for tokenizer, cache in sorted({(tp.tokenizer, tp.cache_dir) for tp in plan.tasks}):
         bundled.prepare(cache, tokenizer)  # once, before runs side by side would each start preparing it
     study = run_study(plan, run_fn or subprocess_run)
-    meta["timing"] = timing(plan, study)
+    meta["timing"] = timing(plan, study, params=params)
     label = args.label or ("PARTIAL: the study is not finished; repeat the command to resume it" if study["partial"] else None)
     write_report(study, meta, Path(args.out), label)
     print(f"wrote {Path(args.out) / 'report.md'} ({study['wall_s'] / 60:.1f} min)")

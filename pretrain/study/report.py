@@ -248,6 +248,8 @@ def task_section(task: str, meta: dict, task_out: dict, summary: dict, plots: di
           f"{meta['tokens_per_step']} tokens{per_param}), {meta['sweep_tokens']:,} per sweep run; seeds {meta['seeds']}. "
           + ("The sweep budget equals the final budget, so the best sweep run is the first seed's final run."
              if meta['sweep_tokens'] == meta['budget_tokens'] else ""), ""]
+    if not rows:
+        return L + ["No run of this task has finished yet.", ""]
     L += ["### Learning-rate sweep (final validation loss, sweep seed)", "",
           "| optimizer | " + " | ".join(f"lr #{i + 1}" for i in range(max(len(r['lrs']) for r in rows.values()))) + " | best lr |",
           "|---|" + "---|" * (max(len(r['lrs']) for r in rows.values()) + 1)]
@@ -375,15 +377,17 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
     for task, task_out in study["tasks"].items():
         s = summaries[task] = summarize_task(task_out)
         plots = {"loss": f"loss_vs_tokens_{task}.png", "memory": f"memory_vs_loss_{task}.png", "sweep": f"lr_sweep_{task}.png"}
-        plot_loss_vs_tokens(task, task_out, s, out_dir / plots["loss"])
-        plot_memory_vs_loss(task, s, out_dir / plots["memory"])
-        plot_sweep(task, s, out_dir / plots["sweep"])
+        if s["rows"]:
+            plot_loss_vs_tokens(task, task_out, s, out_dir / plots["loss"])
+            plot_memory_vs_loss(task, s, out_dir / plots["memory"])
+            plot_sweep(task, s, out_dir / plots["sweep"])
         L += task_section(task, meta["tasks"][task], task_out, s, plots)
-        if task_out.get("task", task) == "gpt":
+        if task_out.get("task", task) == "gpt" and s["ranking"]:
             cmp = s["paper"] = compare_with_paper(s)
             L += paper_section(cmp, s, task)
     for kind in ("gpt", "bert"):
-        names = [n for n, m in meta["tasks"].items() if m.get("kind") == kind and m.get("parameters") and n in summaries]
+        names = [n for n, m in meta["tasks"].items()
+                 if m.get("kind") == kind and m.get("parameters") and summaries.get(n, {}).get("ranking")]
         if len(names) > 1:
             plot = f"loss_vs_size_{kind}.png"
             plot_scale(kind, names, {n: meta["tasks"][n]["parameters"] for n in names}, summaries, out_dir / plot)
@@ -412,18 +416,29 @@ def timing_section(timing: dict) -> list[str]:
          "(median over logged steps; on a shared machine this mostly measures the other jobs' load); "
          "*idle tokens/s*: tokens per CPU-second of the run x torch threads, what an otherwise idle machine "
          "gives at perfect thread scaling (optimistic). Actual: wall time of the runs incl. process start-up, "
-         "validation and zero-shot evaluation.", "",
-         "| task | optimizer | runs | tokens | wall tokens/s | predicted min | idle tokens/s | predicted idle min | actual min |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "validation and zero-shot evaluation. Remaining: the runs not finished yet (grid extensions not "
+         "counted) at the wall speed; * marks a speed extrapolated from another size of the same model "
+         "by the parameter ratio.", "",
+         "| task | optimizer | runs (done) | tokens | wall tokens/s | predicted min | idle tokens/s | predicted idle min "
+         "| actual min | remaining min |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 
     def m(x):
         return _f(x / 60 if _finite(x) else None, "{:.1f}")
 
     for row in timing["rows"]:
-        L.append(f"| {row['task']} | {row['label']} | {row['runs']} | {row['tokens']:,} | {_f(row['tokens_per_s'], '{:.0f}')} | "
-                 f"{m(row['predicted_s'])} | {_f(row.get('idle_tokens_per_s'), '{:.0f}')} | {m(row.get('predicted_idle_s'))} | "
-                 f"{m(row.get('actual_s'))} |")
+        star = "*" if row.get("extrapolated") else ""
+        L.append(f"| {row['task']} | {row['label']} | {row['runs']} ({row.get('done_runs', 0)}) | {row['tokens']:,} | "
+                 f"{_f(row['tokens_per_s'], '{:.0f}')}{star} | {m(row['predicted_s'])} | "
+                 f"{_f(row.get('idle_tokens_per_s'), '{:.0f}')}{star} | {m(row.get('predicted_idle_s'))} | "
+                 f"{m(row.get('actual_s'))} | {m(row.get('remaining_s'))} |")
     L += ["", f"Total: predicted {timing['predicted_total_s'] / 60:.1f} min of training at the measured wall speed "
           f"({timing.get('predicted_idle_total_s', 0) / 60:.1f} min idle); actual {timing['actual_total_s'] / 60:.1f} min "
-          "wall for the whole study.", ""]
-    return L
+          "wall for this invocation."]
+    if timing.get("remaining_runs"):
+        jobs = timing.get("jobs") or 1
+        L += [f"Remaining: {timing['remaining_runs']} runs, {timing['remaining_total_s'] / 3600:.1f} h of run time at the "
+              f"wall speeds above, about {timing['remaining_total_s'] / 3600 / jobs:.1f} h with {jobs} side by side"
+              + (f"; no speed known yet for {', '.join(timing['unknown_speed'])}" if timing.get("unknown_speed") else "")
+              + "."]
+    return L + [""]

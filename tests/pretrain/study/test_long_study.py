@@ -140,3 +140,23 @@ def test_long_study_over_two_sizes_reports_the_scale_axis_and_flips(tmp_path):
     assert "AdamW / SGD (gpt_s -> gpt_m)" in report
     assert (out / "loss_vs_size_gpt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PARTIAL" not in report
+
+
+def test_report_only_marks_partial_and_extrapolates_the_unrun_size(tmp_path):
+    tool = _tool()
+    common = ["--long", "--steps", "8", "--min-tokens-per-param", "0", "--optimizers", "adamw", "--tasks", "gpt",
+              "--seeds", "1,2", "--work-dir", str(tmp_path / "runs")]
+    assert tool.main([*common, "--sizes", "s", "--out", str(tmp_path / "s")], run_fn=Stub()) == 0
+    stub = Stub()
+    out = tmp_path / "both"
+    assert tool.main([*common, "--sizes", "s,m", "--report-only", "--out", str(out)], run_fn=stub) == 0
+    assert stub.calls == []  # nothing trained, size s reused
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["task"]: r for r in data["meta"]["timing"]["rows"]}
+    n = {k: data["meta"]["tasks"][k]["parameters"] for k in ("gpt_s", "gpt_m")}
+    assert not rows["gpt_s"]["extrapolated"] and rows["gpt_s"]["remaining_tokens"] == 0
+    assert rows["gpt_m"]["extrapolated"]
+    assert rows["gpt_m"]["tokens_per_s"] == pytest.approx(1000.0 * n["gpt_s"] / n["gpt_m"])
+    assert data["meta"]["timing"]["remaining_runs"] == 5  # 4 sweep runs + 1 more seed at size m
+    report = (out / "report.md").read_text()
+    assert "PARTIAL" in report and "Remaining: 5 runs" in report
