@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .adafactor import FactoredSecondMoment, check_factored_hparams
 from .base import check_positive
-from .fused import FusedBackwardOptimizer
+from .fused import DEFAULT_HEAP_TRIM_EVERY, FusedBackwardOptimizer
 from .stochastic_rounding import check_rounding_options
 
 
@@ -36,6 +36,9 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
             True (memopt.kernels: C++ on CPU, Triton on CUDA), False (torch ops).
         stochastic_rounding, rounding_seed: unbiased rounding of the update into bf16 weights,
             as in ``memopt.Lomo`` (memopt.stochastic_rounding).
+        heap_trim_every: on CPU, fused backward returns the C heap's free pages to the kernel
+            before backward and once per this many bytes of gradients consumed (glibc's
+            malloc_trim; memopt.heap). None or 0: never.
     """
 
     multiplicative_decay = True  # lomo_optim's rounding: W *= 1 - lr_t * weight_decay
@@ -57,6 +60,7 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         fused: bool | None = None,
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        heap_trim_every: int | None = DEFAULT_HEAP_TRIM_EVERY,
     ):
         check_positive("lr", lr)
         check_factored_hparams(eps, clip_threshold, decay_rate, weight_decay)
@@ -69,5 +73,5 @@ class AdaLomo(FusedBackwardOptimizer, FactoredSecondMoment):
         super().__init__(
             params, defaults, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
             loss_scale=loss_scale, loss_scale_growth_interval=loss_scale_growth_interval,
-            on_nonfinite=on_nonfinite, foreach=foreach, fused=fused,
+            on_nonfinite=on_nonfinite, foreach=foreach, fused=fused, heap_trim_every=heap_trim_every,
         )

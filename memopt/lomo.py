@@ -13,7 +13,7 @@ from .paths import resolve_fused
 from .sharding import Reducer
 from .stochastic_rounding import check_rounding_options
 from .factored import row_slices
-from .fused import FusedBackwardOptimizer
+from .fused import DEFAULT_HEAP_TRIM_EVERY, FusedBackwardOptimizer
 from .multitensor import apply_update_, expand
 
 
@@ -41,6 +41,9 @@ class Lomo(FusedBackwardOptimizer):
             so updates below bf16's resolution survive on average; memopt.stochastic_rounding)
             instead of to nearest. No effect on fp32 weights.
         rounding_seed: the seed of that rounding's counter-based random bits.
+        heap_trim_every: on CPU, fused backward returns the C heap's free pages to the kernel
+            before backward and once per this many bytes of gradients consumed (glibc's
+            malloc_trim; memopt.heap). None or 0: never.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Lomo(FusedBackwardOptimizer):
         fused: bool | None = None,
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        heap_trim_every: int | None = DEFAULT_HEAP_TRIM_EVERY,
     ):
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
@@ -67,7 +71,7 @@ class Lomo(FusedBackwardOptimizer):
             params, defaults, clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value, loss_scale=loss_scale,
             loss_scale_growth_interval=loss_scale_growth_interval, on_nonfinite=on_nonfinite,
-            foreach=foreach, fused=fused,
+            foreach=foreach, fused=fused, heap_trim_every=heap_trim_every,
         )
 
     def _init_state(self, p, state, group):

@@ -38,7 +38,10 @@ Diagnostic probes: ``fwdbwd_free`` (forward + backward, every gradient dropped b
 post-accumulate hook, no optimizer: what any fused update costs at best with this model), and
 the ``*_stock`` probes, which put megatron's own forwards back
 (``pretrain.models.tied_embedding.use_megatron_forward``: two dense gradients for the tied
-embedding in backward, what the model did before it built that gradient in place).
+embedding in backward, what the model did before it built that gradient in place), and
+``adalomo_fused_notrim``: AdaLomo (fused) without the framework's heap trims (``memopt.heap``:
+``build_gpt(release_init_memory=False)``, ``heap_trim_every=None``), what they buy with glibc's
+default malloc.
 
 The tables and the analysis under them are written by ``tools/bench_memory_report.py``.
 
@@ -164,11 +167,11 @@ def _setup():
     return torch
 
 
-def _build(torch):
+def _build(torch, release_init_memory: bool = True):
     from pretrain.models import build_gpt, get_preset
 
     cfg = get_preset("gpt2-124m", "gpt", hidden_dropout=0.0, attention_dropout=0.0)
-    model = build_gpt(cfg, seed=1234)
+    model = build_gpt(cfg, seed=1234, release_init_memory=release_init_memory)
     model.train()
     return model, cfg
 
@@ -193,6 +196,7 @@ OPTIMIZER_OF = {
     "adalomo_fused": ("adalomo", dict(lr=1e-3)),
     "adalomo_fused_stock": ("adalomo", dict(lr=1e-3)),
     "adalomo_fused_clip": ("adalomo", dict(lr=1e-3, clip_grad_norm=1.0)),
+    "adalomo_fused_notrim": ("adalomo", dict(lr=1e-3, heap_trim_every=None)),
     "adapprox": ("adapprox", dict(lr=1e-4)),
 }
 
@@ -227,7 +231,9 @@ def measure(case: str, seq: int, steps: int) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     meter = Meter()
     with meter.stage("build"):
-        model, cfg = _build(torch)
+        # The notrim probe is the framework without its heap trims (memopt.heap): none after
+        # the build, none in fused backward.
+        model, cfg = _build(torch, release_init_memory=case != "adalomo_fused_notrim")
     params = [p for p in model.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in params)
     largest = max(params, key=lambda p: p.numel())
@@ -249,7 +255,7 @@ def measure(case: str, seq: int, steps: int) -> dict:
         return out
 
     opt = None
-    if case in CASES or case == "adalomo_fused_stock":
+    if case in OPTIMIZER_OF:
         with meter.stage("optimizer"):
             name, hparams = OPTIMIZER_OF[case]
             opt = create_optimizer(name, params, **hparams)
@@ -310,6 +316,9 @@ def measure(case: str, seq: int, steps: int) -> dict:
         state_bytes=_state_bytes(opt) if opt is not None else 0,
         stages=meter.stages,
     )
+    trimmer = getattr(opt, "heap_trimmer", None)
+    if trimmer is not None:  # fused backward's malloc_trim calls over all steps, and their time
+        out.update(heap_trims=trimmer.calls, heap_trim_seconds=round(trimmer.seconds, 4))
     return out
 
 
@@ -390,7 +399,7 @@ def main(argv=None) -> int:
     results = run_all(args.cases, args.seqs, args.steps, args.allocator)
     default_runs = []
     if args.allocator == "fixed" and not args.no_allocator_check:
-        cases = [c for c in ("adamw", "adalomo_fused") if c in args.cases] + ["adalomo_fused_stock"]
+        cases = [c for c in ("adamw", "adalomo_fused") if c in args.cases] + ["adalomo_fused_stock", "adalomo_fused_notrim"]
         default_runs = [run_all(cases, args.seqs[:1], args.steps, "default", probes=False) for _ in range(3)]
     given = sys.argv[1:] if argv is None else list(argv)
     meta = dict(

@@ -27,6 +27,7 @@ PROBES = {
     "fwdbwd_free": "forward + backward, every gradient freed by its post-accumulate hook",
     "fwdbwd_free_stock": "as fwdbwd_free, megatron's stock tied-embedding backward (two dense gradients)",
     "adalomo_fused_stock": "AdaLomo (fused), megatron's stock tied-embedding backward (two dense gradients)",
+    "adalomo_fused_notrim": "AdaLomo (fused), no heap trims (release_init_memory=False, heap_trim_every=None)",
 }
 REQUIRED_SEQ = 128
 BAR_VS_ADAMW = 0.40
@@ -191,7 +192,10 @@ METHOD = """## How each number is measured
   Every case therefore runs with `MALLOC_MMAP_THRESHOLD_=65536` (each allocation of 64 KiB or
   more is its own mmap and is unmapped on free), `MALLOC_TRIM_THRESHOLD_=131072`,
   `MALLOC_ARENA_MAX=2`, `OMP_NUM_THREADS=1`; RSS then follows the tensors torch really holds.
-  `--allocator default` repeats a run with glibc's defaults (table below).
+  A full run repeats AdamW and the AdaLomo (fused) cases with glibc's defaults (table below;
+  `--allocator default` runs a whole table that way). The framework itself returns freed heap
+  pages with `malloc_trim(0)` (`memopt.heap`: once after `build_gpt`, and during
+  `fused_backward`); with the fixed threshold those calls find little to return.
 * **weights** = the sum of parameter bytes (`numel * element_size`, the tied embedding once).
   Cross-check: RSS growth of building the model (probe `weights`), a few MB more (modules,
   megatron bookkeeping).
@@ -300,7 +304,7 @@ def _default_malloc_verdict(default_runs: list[dict], floor: float, seq: int) ->
 
 def allocator_table(default_runs: list[dict], results: dict, seq: int) -> str:
     """Fixed mmap threshold vs glibc defaults, each default run repeated (its numbers vary)."""
-    cases = ("weights", "activations", "adamw", "adalomo_fused", "adalomo_fused_stock")
+    cases = ("weights", "activations", "adamw", "adalomo_fused", "adalomo_fused_stock", "adalomo_fused_notrim")
     rows = [
         f"## glibc's default malloc vs the fixed mmap threshold (batch 1 x {seq})",
         "",
@@ -325,22 +329,37 @@ def allocator_table(default_runs: list[dict], results: dict, seq: int) -> str:
         return ", ".join(f"{r[(case, seq)]['peak'] / r[('adamw', seq)]['peak']:.3f}" for r in default_runs
                          if (case, seq) in r and ("adamw", seq) in r)
 
-    kept = [r["after_build"] - r["weights"] for run in default_runs for r in run.values()]
+    def kept(cases):  # RSS right after the build above the weights: freed memory glibc keeps
+        ks = [r[(c, seq)]["after_build"] - r[(c, seq)]["weights"] for r in default_runs for c in cases if (c, seq) in r]
+        return f"{_mb(min(ks))} to {_mb(max(ks))} MB" if ks else "-"
+
     w = results.get(("weights", seq))
+    fused = [r[("adalomo_fused", seq)] for r in default_runs if ("adalomo_fused", seq) in r]
     if ratios("adalomo_fused") and w:
         rows += [
             "",
             f"With glibc's defaults AdaLomo (fused) = {ratios('adalomo_fused')} x AdamW "
-            f"(with megatron's stock tied-embedding backward: {ratios('adalomo_fused_stock')}). What "
-            "glibc's defaults add over the fixed threshold is "
-            "freed memory that glibc keeps, not memory the program holds: right after the model is "
-            f"built (the same model every time) the RSS is already {_mb(min(kept))} to "
-            f"{_mb(max(kept))} MB above the weights in these processes ({_mb(w['after_build'] - w['weights'])} MB "
-            "with the fixed threshold): blocks freed while the model was built stay in the heap, more "
-            "are kept during the steps, and the amount differs from process to process. "
-            + _default_malloc_verdict(default_runs, floor, seq)
-            + " An allocator that returns freed blocks (`MALLOC_MMAP_THRESHOLD_=65536` in the launch "
-            "environment) brings RSS down to the bytes really held.",
+            f"(with megatron's stock tied-embedding backward: {ratios('adalomo_fused_stock')}). "
+            + _default_malloc_verdict(default_runs, floor, seq),
+            "",
+            "What glibc's defaults add over the fixed threshold is freed memory that glibc keeps, not "
+            "memory the program holds, and the framework gives it back with `malloc_trim(0)` "
+            "(`memopt.heap`; glibc's settings untouched). *Build:* megatron's CPU initialisation "
+            "makes two full-size temporaries per weight; `build_gpt` trims once after it. Right after "
+            f"the build the RSS is {kept(['weights', 'activations', 'adamw', 'adalomo_fused', 'adalomo_fused_stock'])} "
+            f"above the weights in these processes ({_mb(w['after_build'] - w['weights'])} MB with the fixed "
+            f"threshold), {kept(['adalomo_fused_notrim'])} without the trim (probe `adalomo_fused_notrim`). "
+            "*Fused backward:* with the dynamic threshold every weight gradient and freed activation "
+            "below 32 MiB lives in the heap; small requests split the freed gradient-sized blocks, so "
+            "each new gradient takes fresh pages and the RSS rises through the backward instead of "
+            "falling. `fused_backward` trims once before backward (what the forward freed) and once "
+            "per `heap_trim_every` (32 MiB) of gradients consumed"
+            + (f": {fused[0]['heap_trims'] / fused[0]['steps']:.0f} calls per step here, "
+               + ", ".join(f"{1e3 * r['heap_trim_seconds'] / r['steps']:.1f}" for r in fused)
+               + " ms per step inside `malloc_trim` in these processes"
+               if fused and "heap_trims" in fused[0] else "")
+            + ". The probe `adalomo_fused_notrim` (both trims off: the framework before them) shows "
+            "what they buy; `heap_trim_every=None` turns the fused backward's trims off.",
             "",
         ]
     return "\n".join(rows) + "\n"

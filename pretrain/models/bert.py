@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.models.bert.bert_model import BertModel
 
+from memopt.heap import release_free_memory
 from pretrain.models import megatron_compat
 from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import BertConfig
@@ -56,13 +57,19 @@ class MegatronBert(BertModel):
         return dims if dims is not None else super()._sanity_check_attention_and_get_attn_mask_dimension()
 
 
-def build_bert(cfg: BertConfig, seed: Optional[int] = 1234) -> MegatronBert:
+def build_bert(cfg: BertConfig, seed: Optional[int] = 1234, release_init_memory: bool = True) -> MegatronBert:
     """Build a BERT for the current TP layout (call ``init_model_parallel`` first)."""
     if not isinstance(cfg, BertConfig):
         raise TypeError(f"build_bert needs a BertConfig, got {type(cfg).__name__}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MegatronBert(cfg)
+    model = MegatronBert(cfg)
+    if release_init_memory:
+        # Megatron's CPU initialisation makes two full-size temporaries per weight (the master
+        # weight and its concatenated slice); with glibc's default malloc up to a few hundred MB
+        # of them stay resident in the heap (docs/benchmarks/memory.md). One trim returns them.
+        release_free_memory()
+    return model
 
 
 def bert_logits(

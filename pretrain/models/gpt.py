@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from memopt.heap import release_free_memory
 from pretrain.models import megatron_compat
 from pretrain.models.common import gather_vocab, masked_mean, set_core_attention, transformer_config
 from pretrain.models.config import GPTConfig
@@ -60,17 +61,24 @@ class MegatronGPT(GPTModel):
             tie_gradient_in_place(self)
 
 
-def build_gpt(cfg: GPTConfig, seed: Optional[int] = 1234) -> MegatronGPT:
+def build_gpt(cfg: GPTConfig, seed: Optional[int] = 1234, release_init_memory: bool = True) -> MegatronGPT:
     """Build a GPT for the current TP layout (call ``init_model_parallel`` first).
 
     With the same ``seed`` every TP size gets the same initial weights (each rank holds its
-    slice). ``seed=None`` leaves the torch generator alone.
+    slice). ``seed=None`` leaves the torch generator alone. ``release_init_memory`` returns the
+    initialisation's freed temporaries to the kernel (``memopt.heap.release_free_memory``).
     """
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"build_gpt needs a GPTConfig, got {type(cfg).__name__}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MegatronGPT(cfg)
+    model = MegatronGPT(cfg)
+    if release_init_memory:
+        # Megatron's CPU initialisation makes two full-size temporaries per weight (the master
+        # weight and its concatenated slice); with glibc's default malloc up to a few hundred MB
+        # of them stay resident in the heap (docs/benchmarks/memory.md). One trim returns them.
+        release_free_memory()
+    return model
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:

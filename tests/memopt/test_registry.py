@@ -33,12 +33,12 @@ def test_hparams_of_the_memopt_optimizers():
     assert optimizer_hparams("came") == ["lr", "eps", "clip_threshold", "betas", "weight_decay", "on_nonfinite", "foreach", "fused"]
     assert optimizer_hparams("lomo") == [
         "lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "loss_scale", "loss_scale_growth_interval",
-        "on_nonfinite", "foreach", "fused", "stochastic_rounding", "rounding_seed",
+        "on_nonfinite", "foreach", "fused", "stochastic_rounding", "rounding_seed", "heap_trim_every",
     ]
     assert optimizer_hparams("adalomo") == [
         "lr", "eps", "clip_threshold", "decay_rate", "weight_decay", "clip_grad_norm", "clip_grad_value",
         "loss_scale", "loss_scale_growth_interval", "on_nonfinite", "foreach", "fused", "stochastic_rounding",
-        "rounding_seed",
+        "rounding_seed", "heap_trim_every",
     ]
     adapprox = optimizer_hparams("adapprox")
     assert {"lr", "betas", "k_max", "k_min", "xi", "seed", "on_nonfinite"} <= set(adapprox)

@@ -104,6 +104,26 @@ def test_cpu_refuses_gpu_only_attention():
 # --- GPT -----------------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("model_parallel_tp1")
+def test_builders_return_the_init_temporaries_to_the_kernel(monkeypatch):
+    """build_gpt / build_bert trim the C heap once after megatron's CPU init (memopt.heap),
+    unless release_init_memory=False; the weights do not depend on it."""
+    import pretrain.models.bert as bert_module
+    import pretrain.models.gpt as gpt_module
+
+    calls = []
+    for module in (gpt_module, bert_module):
+        monkeypatch.setattr(module, "release_free_memory", lambda: calls.append(1) or True)
+    a = build_gpt(_gpt_cfg(), seed=3)
+    build_bert(_bert_cfg())
+    assert len(calls) == 2
+    b = build_gpt(_gpt_cfg(), seed=3, release_init_memory=False)
+    build_bert(_bert_cfg(), release_init_memory=False)
+    assert len(calls) == 2
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+               if torch.is_tensor(x))
+
+
+@pytest.mark.usefixtures("model_parallel_tp1")
 def test_gpt_shapes_parameters_and_gradients():
     cfg = _gpt_cfg()
     model = build_gpt(cfg)
