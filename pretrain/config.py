@@ -46,6 +46,10 @@ class DataSection(_Section):
     # with merges.txt beside it: pretrain.data.tokenizer.load_tokenizer.
     tokenizer: str = "data/tokenizer/spm_bpe_8k.model"
     split: str = "98,1,1"
+    # Seed of the validation/test sample order. None: train.seed. Set it to compare runs of
+    # different train.seed on the same validation samples (the evaluator reads the first
+    # train.eval_iters batches, so with another order it would score another subset).
+    eval_seed: int | None = None
     cache_dir: str = "data/cache"
     num_workers: int = Field(0, ge=0)
 

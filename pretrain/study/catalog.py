@@ -76,10 +76,16 @@ class ModelSize:
     micro_batch: int
 
     def overrides(self) -> list[str]:
+        # Validation: the same ~320 samples (~41k tokens, about the whole 1% split) for every run
+        # and seed: a fixed sample order (data.eval_seed) and enough batches to cover them.
         return [f"model.overrides.hidden_size={self.hidden}", f"model.overrides.num_layers={self.layers}",
                 f"model.overrides.num_attention_heads={self.heads}", "model.overrides.hidden_dropout=0.0",
                 "model.overrides.attention_dropout=0.0", f"train.micro_batch_size={self.micro_batch}",
-                "train.seq_length=128", "train.grad_accum_steps=1"]
+                "train.seq_length=128", "train.grad_accum_steps=1", "data.eval_seed=1234",
+                f"train.eval_iters={-(-EVAL_SAMPLES // self.micro_batch)}"]
+
+
+EVAL_SAMPLES = 320
 
 
 SIZES = {"s": ModelSize(64, 2, 4, 15), "m": ModelSize(128, 2, 4, 46), "l": ModelSize(192, 3, 6, 125)}

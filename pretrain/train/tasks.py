@@ -17,23 +17,32 @@ def _blend(cfg, key: str) -> list[str]:
     return [bundled.prepare(cfg.data.cache_dir, tokenizer_model=cfg.data.tokenizer)[key]]
 
 
+def _with_eval_seed(cfg, build):
+    """(train, valid, test) from ``build(seed)``: training samples in train.seed's order, the
+    validation and test samples in data.eval_seed's (when it is set and differs)."""
+    train, valid, test = build(cfg.train.seed)
+    if cfg.data.eval_seed is not None and cfg.data.eval_seed != cfg.train.seed:
+        _, valid, test = build(cfg.data.eval_seed)
+    return train, valid, test
+
+
 def _gpt_datasets(cfg, tokenizer, seq_length, num_samples):
     from pretrain.data import build_gpt_datasets
 
-    return build_gpt_datasets(
+    return _with_eval_seed(cfg, lambda seed: build_gpt_datasets(
         _blend(cfg, "gpt"), tokenizer, seq_length, num_samples, split=cfg.data.split,
-        seed=cfg.train.seed, cache_dir=f"{cfg.data.cache_dir}/index_cache",
-    )
+        seed=seed, cache_dir=f"{cfg.data.cache_dir}/index_cache",
+    ))
 
 
 def _bert_datasets(cfg, tokenizer, seq_length, num_samples):
     from pretrain.data import build_bert_datasets
 
     binary_head = cfg.model.overrides.get("add_binary_head", True)
-    return build_bert_datasets(
+    return _with_eval_seed(cfg, lambda seed: build_bert_datasets(
         _blend(cfg, "bert"), tokenizer, seq_length, num_samples, split=cfg.data.split,
-        seed=cfg.train.seed, cache_dir=f"{cfg.data.cache_dir}/index_cache", binary_head=binary_head,
-    )
+        seed=seed, cache_dir=f"{cfg.data.cache_dir}/index_cache", binary_head=binary_head,
+    ))
 
 
 def _gpt_loss(model, batch):
