@@ -127,12 +127,32 @@ def train_spec(plan: StudyPlan, tp: TaskPlan, entry: Entry, lr: float, seed: int
                 run_zeroshot=zeroshot, zeroshot_limit=plan.zeroshot_limit, keep_checkpoint=keep_checkpoint)
 
 
+def _spec_root(spec: dict) -> str:
+    """The checkout a spec was made in: its config's grandparent (<root>/configs/x.yaml)."""
+    return str(Path(spec.get("config") or ROOT / "configs" / "x").parent.parent)
+
+
+def same_spec(old: dict, spec: dict) -> bool:
+    """Whether a stored result was made from ``spec``, up to the checkout's location: a study
+    run from another clone or worktree of the repository (absolute paths under another root)
+    still finds its runs."""
+    roots = sorted({_spec_root(old), _spec_root(spec), str(ROOT)}, key=len, reverse=True)
+
+    def portable(value):
+        text = json.dumps(value, sort_keys=True)
+        for root in roots:
+            text = text.replace(root, "<root>")
+        return text
+
+    return all(portable(old.get(k)) == portable(v) for k, v in spec.items() if k not in ("keep_checkpoint", "threads"))
+
+
 def finished_result(spec: dict) -> dict | None:
     """The result an earlier invocation wrote for this very spec, or None."""
     done = Path(spec["output_dir"]) / ("result.json" if spec["kind"] == "train" else "eval_result.json")
     if done.is_file():
         old = json.loads(done.read_text())
-        if all(old.get(k) == v for k, v in spec.items() if k not in ("keep_checkpoint", "threads")):
+        if same_spec(old, spec):
             return dict(old, reused=True)
     return None
 

@@ -160,3 +160,18 @@ def test_report_only_marks_partial_and_extrapolates_the_unrun_size(tmp_path):
     assert data["meta"]["timing"]["remaining_runs"] == 5  # 4 sweep runs + 1 more seed at size m
     report = (out / "report.md").read_text()
     assert "PARTIAL" in report and "Remaining: 5 runs" in report
+
+
+def test_a_run_made_in_another_checkout_is_still_reused(tmp_path):
+    from pretrain.study.study import ROOT as root
+    from pretrain.study.study import same_spec
+
+    here = dict(kind="train", config=f"{root}/configs/gpt_tiny.yaml", lr=1e-3,
+                overrides=[f"data.tokenizer={root}/data/tokenizer/spm_bpe_1k.model", "train.steps=2000"],
+                output_dir=str(tmp_path / "runs/gpt_s/x"))
+    other = "/elsewhere/clone"
+    there = dict(here, config=f"{other}/configs/gpt_tiny.yaml",
+                 overrides=[f"data.tokenizer={other}/data/tokenizer/spm_bpe_1k.model", "train.steps=2000"])
+    assert same_spec(there, here)
+    assert not same_spec(dict(there, overrides=[there["overrides"][0], "train.steps=1000"]), here)
+    assert not same_spec(dict(there, lr=3e-3), here)
