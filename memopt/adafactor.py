@@ -14,7 +14,8 @@ import math
 import torch
 
 from . import kernels
-from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .base import all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .fused_path import FusedKernelOptimizer
 from .paths import resolve_fused
 from .factored import (
     add_factor_partials,
@@ -39,11 +40,10 @@ def decay_beta(step: int, decay_rate: float) -> float:
     return 1.0 - math.pow(step, decay_rate)
 
 
-class FactoredSecondMoment(MemoptOptimizer):
+class FactoredSecondMoment(FusedKernelOptimizer):
     """Shared body of Adafactor and AdaLomo: factored second moment, RMS clip, relative step."""
 
     supports_sharding = True
-    has_fused_kernels = True
 
     # How weight decay is rounded: as transformers (w += -d*w) or as lomo_optim (w *= 1-d).
     multiplicative_decay = False
@@ -177,21 +177,38 @@ class FactoredSecondMoment(MemoptOptimizer):
         apply_update_(ws, torch.mul(mom, expand(-lr_t, u.dim()), out=u), decay, self.multiplicative_decay)
         return ok
 
-    def _fused_update(self, p, grad, state, group, step) -> bool:
-        """``_update`` by ``memopt.kernels.factored_step_`` (one call, two passes over memory)."""
+    def _factored_kernel(self, p, grad, state, group, **scalars):
+        """``memopt.kernels.factored_step_`` on ``p`` and its state (one call, two passes over
+        memory) with the step's ``beta2`` / ``step_size`` (and ``one_minus_beta2``); (ok, scale)."""
         eps1, eps2 = group["eps"]
-        ok, scale = kernels.factored_step_(
+        return kernels.factored_step_(
             p, grad.contiguous(), sq_row=state.get("exp_avg_sq_row"), sq_col=state.get("exp_avg_sq_col"),
-            sq=state.get("exp_avg_sq"), exp_avg=state.get("exp_avg"), beta2=self._beta2(group, step), eps1=eps1,
-            eps2=eps2, step_size=self._step_size(group, step), clip_threshold=group["clip_threshold"],
-            weight_decay=group["weight_decay"], multiplicative_decay=self.multiplicative_decay,
-            scale_parameter=group["scale_parameter"], beta1=group.get("beta1"),
+            sq=state.get("exp_avg_sq"), exp_avg=state.get("exp_avg"), eps1=eps1, eps2=eps2,
+            clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
+            multiplicative_decay=self.multiplicative_decay, scale_parameter=group["scale_parameter"],
+            beta1=group.get("beta1"), **scalars,
         )
+
+    def _fused_update(self, p, grad, state, group, step) -> bool:
+        """``_update`` by the kernel at host ``step`` (the C++ backend's path)."""
+        ok, scale = self._factored_kernel(p, grad, state, group, beta2=self._beta2(group, step),
+                                          step_size=self._step_size(group, step))
         if not bool(ok):
             return False
         if group["scale_parameter"]:
             self._note_scale(state, float(scale))
         return True
+
+    def _fused_update_t(self, p, grad, state, group, t):
+        """The kernel at the device step ``t`` (``memopt.fused_path``): b_t and rho_t as 0-d tensors,
+        1 - b_t = t**decay_rate passed as computed (1 - an fp32 b_t near 1 would lose digits)."""
+        one_minus_beta = t.pow(group["decay_rate"])
+        ok, scale = self._factored_kernel(p, grad, state, group, beta2=1.0 - one_minus_beta,
+                                          one_minus_beta2=one_minus_beta, step_size=self._step_size_t(group, t))
+        if group["scale_parameter"]:
+            # Noted on a skipped step too (RMS of the unchanged W), as on the foreach path.
+            self._note_scale(state, scale)
+        return ok
 
     def _update(self, p, grad, state, group, step):
         if p.is_contiguous() and resolve_fused(group, p.device):

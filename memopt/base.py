@@ -101,7 +101,7 @@ class MemoptOptimizer(Optimizer):
 
     #: True when the subclass implements ``_init_sharded_state`` and ``_sharded_update``.
     supports_sharding = False
-    #: True when ``_update`` runs ``memopt.kernels`` under ``fused`` (False: fused=True refused).
+    #: True for ``memopt.fused_path.FusedKernelOptimizer``'s subclasses (False: fused=True refused).
     has_fused_kernels = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], on_nonfinite: str = "skip",
@@ -490,8 +490,8 @@ class MemoptOptimizer(Optimizer):
     def update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict | None = None):
         """Apply one update to ``p`` from ``grad``; returns False if it was skipped (non-finite).
 
-        On the sync-free path (``foreach``) it returns that answer as a 0-d bool tensor on the
-        device instead (reading it is the caller's sync)."""
+        On a sync-free path (``foreach``; ``fused`` on Triton, memopt.fused_path) it returns that
+        answer as a 0-d bool tensor on the device instead (reading it is the caller's sync)."""
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if group is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import MemoptOptimizer, all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .base import all_finite, check_beta, check_nonnegative, check_positive, is_finite
+from .fused_path import FusedKernelOptimizer
 from .paths import resolve_fused
 from .factored import (
     add_factor_partials,
@@ -30,7 +31,7 @@ from .multitensor import apply_update_, commit, expand, stacked
 from .sharding import Reducer
 
 
-class CAME(MemoptOptimizer):
+class CAME(FusedKernelOptimizer):
     """CAME.
 
     Args:
@@ -87,7 +88,6 @@ class CAME(MemoptOptimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
 
     supports_sharding = True
-    has_fused_kernels = True
 
     def _init_sharded_state(self, layout, state, group, device=None):
         kw = dict(dtype=torch.float32, device=device)
@@ -164,17 +164,24 @@ class CAME(MemoptOptimizer):
             w.add_(L.scale(st["exp_avg"], ra, rs), alpha=-lr)
         return ok
 
+    def _fused_update_t(self, p, grad, state, group, t):
+        """``memopt.kernels.came_step_``: no scalar of CAME depends on the step ``t``."""
+        beta1, beta2, beta3 = group["betas"]
+        eps1, eps2 = group["eps"]
+        return kernels.came_step_(
+            p, grad.contiguous(), exp_avg=state["exp_avg"], sq_row=state.get("exp_avg_sq_row"),
+            sq_col=state.get("exp_avg_sq_col"), res_row=state.get("exp_avg_res_row"),
+            res_col=state.get("exp_avg_res_col"), sq=state.get("exp_avg_sq"), lr=group["lr"], beta1=beta1,
+            beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=group["clip_threshold"],
+            weight_decay=group["weight_decay"],
+        )
+
     def _update(self, p, grad, state, group, step):
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         if p.is_contiguous() and resolve_fused(group, p.device):
-            return bool(kernels.came_step_(
-                p, grad.contiguous(), exp_avg=state["exp_avg"], sq_row=state.get("exp_avg_sq_row"),
-                sq_col=state.get("exp_avg_sq_col"), res_row=state.get("exp_avg_res_row"),
-                res_col=state.get("exp_avg_res_col"), sq=state.get("exp_avg_sq"), lr=lr, beta1=beta1, beta2=beta2,
-                beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip, weight_decay=wd,
-            ))
+            return bool(self._fused_update_t(p, grad, state, group, step))
         exp_avg = state["exp_avg"]
 
         if p.dim() < 2:

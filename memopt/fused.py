@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import GradTransform, MemoptOptimizer, check_positive, resolve_foreach
+from .fused_path import sync_free_fused
 from .heap import HeapTrimmer, check_trim_every
 from .sharding import Reducer, is_dtensor, local_layout
 
@@ -218,8 +219,11 @@ class FusedBackwardOptimizer(MemoptOptimizer):
         return g.to_local() if is_dtensor(g) else g
 
     def _all_sync_free(self, pairs) -> bool:
+        """Every parameter takes a path without host syncs: foreach, or the fused kernels of a
+        sync-free backend (``memopt.fused_path``)."""
         return bool(pairs) and all(
-            not self._is_sharded(p) and resolve_foreach(group, p.device) for p, group in pairs)
+            not self._is_sharded(p) and (resolve_foreach(group, p.device) or sync_free_fused(self, p, group))
+            for p, group in pairs)
 
     def _device_clip_coef(self, sq_total: torch.Tensor) -> torch.Tensor:
         """min(1, max_norm / (||g|| + 1e-6)) as a 0-d tensor from the squared global norm."""
@@ -345,7 +349,11 @@ class FusedBackwardOptimizer(MemoptOptimizer):
             g = p.grad
             p.grad = None
             group = self.group_of(p)
-            self._step_foreach([(p, self.prepare_grad(g, group, coef, unscale), group)], gate=gate)
+            g = self.prepare_grad(g, group, coef, unscale)
+            if resolve_foreach(group, p.device):
+                self._step_foreach([(p, g, group)], gate=gate)
+            else:  # the sync-free fused kernels: a FusedKernelOptimizer (memopt.fused_path)
+                self.gated_update(p, g, group, gate)
 
         if recompute_loss is not None and two_pass:
             scaled_loss = recompute_loss() * unscale if scaled else recompute_loss()

@@ -14,6 +14,7 @@ from .sharding import Reducer
 from .stochastic_rounding import check_rounding_options
 from .factored import row_slices
 from .fused import DEFAULT_HEAP_TRIM_EVERY, FusedBackwardOptimizer
+from .fused_path import FusedKernelOptimizer
 from .multitensor import apply_update_, expand
 
 
@@ -22,7 +23,7 @@ from .multitensor import apply_update_, expand
 _BLOCK_ELEMS = 1 << 23
 
 
-class Lomo(FusedBackwardOptimizer):
+class Lomo(FusedKernelOptimizer, FusedBackwardOptimizer):
     """LOMO. Use ``fused_backward(loss)`` for the memory saving, or ``backward()`` + ``step()``.
 
     Args:
@@ -78,7 +79,6 @@ class Lomo(FusedBackwardOptimizer):
         pass  # stateless beyond the step counter the base class keeps
 
     supports_sharding = True
-    has_fused_kernels = True
 
     def _init_sharded_state(self, layout, state, group, device=None):
         pass
@@ -97,11 +97,14 @@ class Lomo(FusedBackwardOptimizer):
     def _foreach_update(self, ws, grads, states, group, t):
         return _foreach_lomo(ws, grads, group)
 
+    def _fused_update_t(self, p, grad, state, group, t):
+        # One pass to check G, one to update: exact skip, no roll-back (memopt.kernels).
+        return kernels.lomo_step_(p, grad.contiguous(), lr=group["lr"], weight_decay=group["weight_decay"])
+
     def _update(self, p, grad, state, group, step):
         lr, wd = group["lr"], group["weight_decay"]
         if p.is_contiguous() and resolve_fused(group, p.device):
-            # One pass to check G, one to update: exact skip, no roll-back (memopt.kernels).
-            return bool(kernels.lomo_step_(p, grad.contiguous(), lr=lr, weight_decay=wd))
+            return bool(self._fused_update_t(p, grad, state, group, step))
         w, g = p.view(-1), grad.reshape(-1)
         if w.is_cuda:
             # On a GPU a host sync per block would stall the stream: check once, then update.

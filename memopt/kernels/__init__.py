@@ -54,7 +54,10 @@ eps1, eps2, clip_threshold, weight_decay) -> ok``
 
 ``available(device) -> bool`` says whether a backend exists for ``device`` (a str or
 torch.device); the first CPU call compiles the C++ module (seconds to a minute, once per
-machine). ``KernelUnavailable`` is what a call raises where none does.
+machine). ``KernelUnavailable`` is what a call raises where none does. ``sync_free(device)``
+says whether its backend reads nothing back to the host (Triton: the optimizers' ``fused=True``
+then keeps step counters and step scalars on the device too, ``memopt.fused_path``, and makes no
+host sync; the C++ backend reads its scalars itself, which costs nothing on CPU).
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ import warnings
 
 import torch
 
-__all__ = ["KernelUnavailable", "available", "backend", "came_step_", "factored_step_", "lomo_step_"]
+__all__ = ["KernelUnavailable", "available", "backend", "came_step_", "factored_step_", "lomo_step_", "sync_free"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -78,7 +81,8 @@ def backend(device):
     """The backend module for ``device`` (one of ``_BACKEND_MODULES``), or None; cached.
 
     A backend module exposes ``ready() -> bool`` (False, having warned once, when it cannot run
-    here) and the three step functions with the signatures of this module's docstring."""
+    here), ``SYNC_FREE`` (``sync_free``) and the three step functions with the signatures of this
+    module's docstring."""
     kind = torch.device(device).type
     if kind not in _loaded:
         name = _BACKEND_MODULES.get(kind)
@@ -97,6 +101,13 @@ def backend(device):
 def available(device) -> bool:
     """True when fused kernels run on ``device`` (compiles the CPU module on first call)."""
     return backend(device) is not None
+
+
+def sync_free(device) -> bool:
+    """True when the backend for ``device`` reads no device value back to the host (Triton), so
+    a caller gains by passing its step scalars as device tensors and leaving ``ok`` unread."""
+    mod = backend(device)
+    return mod is not None and mod.SYNC_FREE
 
 
 def _require(w: torch.Tensor):

@@ -25,6 +25,10 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
+#: The wrappers read 0-d tensor scalars on the host and return ``ok`` from a host bool: free on
+#: CPU, so the optimizers keep their host path here (``memopt.kernels.sync_free``).
+SYNC_FREE = False
+
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None

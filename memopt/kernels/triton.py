@@ -22,7 +22,10 @@ from .triton_came import came_step_
 from .triton_factored import factored_rows_kernel, factored_step_
 from .triton_lomo import lomo_step_
 
-__all__ = ["came_step_", "factored_step_", "interpreted", "lomo_step_", "ready"]
+__all__ = ["SYNC_FREE", "came_step_", "factored_step_", "interpreted", "lomo_step_", "ready"]
+
+#: No wrapper reads a device value (``memopt.kernels.sync_free``).
+SYNC_FREE = True
 
 _warned = False
 
