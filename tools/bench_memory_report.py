@@ -331,7 +331,9 @@ def allocator_table(default_runs: list[dict], results: dict, seq: int) -> str:
 
     def kept(cases):  # RSS right after the build above the weights: freed memory glibc keeps
         ks = [r[(c, seq)]["after_build"] - r[(c, seq)]["weights"] for r in default_runs for c in cases if (c, seq) in r]
-        return f"{_mb(min(ks))} to {_mb(max(ks))} MB" if ks else "-"
+        if not ks:
+            return "-"
+        return f"{_mb(ks[0])} MB" if _mb(min(ks)) == _mb(max(ks)) else f"{_mb(min(ks))} to {_mb(max(ks))} MB"
 
     w = results.get(("weights", seq))
     fused = [r[("adalomo_fused", seq)] for r in default_runs if ("adalomo_fused", seq) in r]
