@@ -45,6 +45,11 @@ def _malloc_trim():
     return _trim
 
 
+def trim_available() -> bool:
+    """Whether this C library can return freed heap pages (glibc's ``malloc_trim``)."""
+    return _malloc_trim() is not None
+
+
 def release_free_memory() -> bool:
     """Return the free pages of the C heap to the kernel; False where that is not possible."""
     fn = _malloc_trim()

@@ -9,7 +9,7 @@ import torch
 import memopt
 from memopt import heap
 
-GLIBC = heap._malloc_trim() is not None
+GLIBC = heap.trim_available()
 
 
 def _rss() -> int:
