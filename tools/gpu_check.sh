@@ -8,6 +8,8 @@
 #      tests/memopt/test_triton_kernels.py: the Triton kernels, compiled for this GPU, vs the torch
 #        reference path (<= 1e-6 relative, non-finite gradients skipped), fused=True end to end,
 #        no host sync inside the kernels' wrappers;
+#      tests/memopt/test_fused_sync_free.py: fused=True (Triton) with no host sync in step() and
+#        fused backward under set_sync_debug_mode("error"), vs the reference path;
 #   2. tools/bench_optimizers.py --device cuda, fp32 and bf16: GPT-2 124M shapes with every memopt
 #      path (foreach=False, foreach=True, fused=True) and the peers (torch AdamW fused and foreach,
 #      torch Adafactor, transformers Adafactor, came_pytorch, lomo_optim); then the 1.3B shapes
@@ -49,6 +51,7 @@ cap_for() {
 
 CAP=$(cap_for 200)
 timeout "$CAP" "$PY" -m pytest tests/memopt/test_cuda.py tests/memopt/test_triton_kernels.py \
+    tests/memopt/test_fused_sync_free.py \
     tests/memopt/test_stochastic_rounding.py::test_cuda_rounds_the_same_bits_as_cpu_without_a_host_sync \
     -q -rfEs -p no:cacheprovider > "$TMP/tests.txt" 2>&1
 TESTS_RC=$?
@@ -90,7 +93,7 @@ bench gpu_1p3b_bfloat16 60 --dtype bfloat16 --layers 24 --hidden 2048 --only ada
     echo "Written by \`bash tools/gpu_check.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
     echo "Device: $DEVICE; torch $TORCH; triton $TRITON; took $(( $(date +%s) - START )) s (budget $BUDGET s)."
     echo
-    echo "## CUDA tests (tests/memopt/test_cuda.py, tests/memopt/test_triton_kernels.py): exit status $TESTS_RC"
+    echo "## CUDA tests (tests/memopt/test_cuda.py, test_triton_kernels.py, test_fused_sync_free.py): exit status $TESTS_RC"
     echo
     echo '```'
     tail -n 40 "$TMP/tests.txt"
