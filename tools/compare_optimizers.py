@@ -122,7 +122,8 @@ def _long_defaults() -> dict:
     return {"--optimizers": ",".join(LONG_OPTIMIZERS), "--tasks": "gpt,bert", "--sizes": "s,m", "--bert-sizes": "s",
             "--lrs-per-optimizer": 4, "--lr-span-decades": 1.5, "--max-extensions": 3,
             "--seeds": "1234,1235,1236", "--evals-per-run": 10, "--warmup-fraction": 0.05, "--no-zeroshot": True,
-            "--out": str(ROOT / "docs/results/long"), "--work-dir": str(ROOT / "runs/long_study")}
+            "--out": str(ROOT / "docs/results/long"), "--work-dir": str(ROOT / "runs/long_study"),
+            "--jobs": max(1, min(4, os.cpu_count() or 1))}  # one thread per run: small models scale poorly
 
 
 LONG_DEFAULTS = _long_defaults()
@@ -312,7 +313,7 @@ def meta_for(plan, args, argv, params: dict) -> dict:
                               + (", " + ", ".join(tp.model_overrides) if tp.model_overrides else "") + f"), {mbs} x {seq} tokens per step"
                               + (f", {n:,} parameters, tokenizer {Path(tp.tokenizer).name}" if n else ""),
                               kind=tp.task, parameters=n, tokens_per_param=tp.budget_tokens / n if n else None,
-                              warmup_fraction=tp.warmup_fraction,
+                              warmup_fraction=tp.warmup_fraction, hparams=tp.hparams,
                               budget_tokens=tp.budget_tokens, sweep_tokens=tp.sweep_tokens, tokens_per_step=per_step,
                               budget_steps=steps_for(tp.budget_tokens, per_step), seeds=list(plan.seeds),
                               zeroshot_limit=plan.zeroshot_limit, lr_grids={e.key: plan.lrs(e, tp) for e in plan.entries})

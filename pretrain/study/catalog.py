@@ -38,9 +38,10 @@ CATALOG: dict[str, Entry] = {e.key: e for e in [
           "adaptive rank (AS-RSI, xi=1e-3, k_min=1), beta1=0.9"),
     Entry("adapprox_k16", "Adapprox k_max=16", "adapprox", 1e-3, {"k_max": 16, "weight_decay": 0.0}, "adapprox",
           "adaptive rank (AS-RSI, xi=1e-3, k_min=1), beta1=0.9"),
-    Entry("galore", "GaLore-AdamW r=96", "galore_adamw", 3e-3,
+    Entry("galore", "GaLore-AdamW r=hidden/4", "galore_adamw", 3e-3,
           {"rank": 96, "update_proj_gap": 200, "scale": 0.25}, "galore",
-          "galore-torch 1.0 GaLoreAdamW on the transformer-layer matrices (rank = hidden/4), AdamW elsewhere"),
+          "galore-torch 1.0 GaLoreAdamW on the transformer-layer matrices (rank = hidden/4: 96 for the demo GPT; "
+          "the long study sets it per size), AdamW elsewhere"),
     # Baselines (pretrain/baselines, registered by the worker): not in the default study.
     Entry("sgdm", "SGD momentum 0.9", "sgd", 0.3, {"momentum": 0.9, "weight_decay": 0.0}, "sgd",
           "torch.optim.SGD, momentum 0.9; engine clips the global grad norm at 1.0"),

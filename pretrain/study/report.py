@@ -363,6 +363,11 @@ def write_report(study: dict, meta: dict, out_dir: Path, label: str | None = Non
         hp = ", ".join(f"{k}={v}" for k, v in e.hparams.items()) or "defaults"
         L.append(f"| {e.label} | `{e.optimizer}` ({hp}){'; ' + e.note if e.note else ''} | "
                  f"{', '.join(f'{x:.3g}' for x in meta['lr_grids'][key])} |")
+    per_task = [f"{name}: " + "; ".join(f"{CATALOG[k].label} {', '.join(f'{h}={v}' for h, v in hp.items())}"
+                                         for k, hp in t["hparams"].items() if k in meta["optimizers"])
+                for name, t in meta["tasks"].items() if t.get("hparams")]
+    if any(": " in x and not x.endswith(": ") for x in per_task):
+        L += ["", "Set per task (they follow the model's width): " + " | ".join(per_task) + "."]
     fractions = {t.get("warmup_fraction") for t in meta["tasks"].values()}
     warmup = (f"{fractions.pop():.0%} of the steps" if len(fractions) == 1 and None not in fractions
               else "min(20, steps/10) steps")

@@ -144,7 +144,9 @@ def same_spec(old: dict, spec: dict) -> bool:
             text = text.replace(root, "<root>")
         return text
 
-    return all(portable(old.get(k)) == portable(v) for k, v in spec.items() if k not in ("keep_checkpoint", "threads"))
+    # keep_checkpoint, threads and the label do not change what is trained
+    return all(portable(old.get(k)) == portable(v) for k, v in spec.items()
+               if k not in ("keep_checkpoint", "threads", "label"))
 
 
 def finished_result(spec: dict) -> dict | None:
@@ -153,7 +155,7 @@ def finished_result(spec: dict) -> dict | None:
     if done.is_file():
         old = json.loads(done.read_text())
         if same_spec(old, spec):
-            return dict(old, reused=True)
+            return dict(old, reused=True, **({"label": spec["label"]} if "label" in spec else {}))
     return None
 
 

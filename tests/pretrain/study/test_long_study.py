@@ -173,5 +173,6 @@ def test_a_run_made_in_another_checkout_is_still_reused(tmp_path):
     there = dict(here, config=f"{other}/configs/gpt_tiny.yaml",
                  overrides=[f"data.tokenizer={other}/data/tokenizer/spm_bpe_1k.model", "train.steps=2000"])
     assert same_spec(there, here)
+    assert same_spec(dict(there, label="GaLore-AdamW r=96"), dict(here, label="GaLore-AdamW r=hidden/4"))
     assert not same_spec(dict(there, overrides=[there["overrides"][0], "train.steps=1000"]), here)
     assert not same_spec(dict(there, lr=3e-3), here)
