@@ -29,6 +29,7 @@ from .adapprox_ops import (  # noqa: F401  (sketch_seed, VHAT_FLOORS: part of th
     clip_scale_t,
     complete_product,
     corrections,
+    cpu_kernels_for,
     first_moment,
     local_error_and_uhat,
     partial_product,
@@ -37,6 +38,9 @@ from .adapprox_ops import (  # noqa: F401  (sketch_seed, VHAT_FLOORS: part of th
 )
 from .lowrank import (answer_requests, next_rank, project_steps, relative_error, residual_norms_, s_rsi_steps,
                       second_moment_operator)
+
+
+_FLT_MAX = torch.finfo(torch.float32).max
 
 
 class Adapprox(MemoptOptimizer):
@@ -69,8 +73,10 @@ class Adapprox(MemoptOptimizer):
     at the rank of the last sketch, not at k_max: every sketch builds them anew anyway, so a
     rank that falls to 1 really frees the memory (before the first step they hold 0 columns).
     k is capped at min(m, n). Scalars (step, rank, the last error, the skip count) are Python
-    numbers. Transient per-step memory: one m x n fp32 buffer (G*G, then the residual, then
-    the update) and a few thin (m or n) x (k + oversampling) blocks.
+    numbers. Per-step memory: one m x n fp32 buffer (G*G, then the residual, then the update)
+    and a few thin (m or n) x (k + oversampling) blocks; on the fused CPU path (``fused``) the
+    buffer is kept between steps, sized to the largest matrix (not in ``state_bytes()``),
+    because allocating it anew cost more than a pass over it.
 
     Args:
         lr: learning rate (default 1e-3).
@@ -123,7 +129,11 @@ class Adapprox(MemoptOptimizer):
             the device, and the one host sync of a step reads all the AS-RSI rank decisions (and
             skip flags) at once, at its end, because the rank sets the shapes of Q and U. The
             parameters are still sketched one by one (see docs/adapprox.md, "Step time").
-        fused: None or False; True (fused kernels) is not available yet and raises.
+        fused: None (default: on CPU, when foreach is None too and the C++ kernels build, the
+            matrices' element-wise passes run as fused C++ loops, ``memopt.kernels.cpu_adapprox``;
+            the GEMMs stay torch's), True (those kernels, raising ``KernelUnavailable`` where they
+            do not run: another device, no compiler) or False (torch ops only). The kernels give
+            the torch path's result within float round-off (docs/benchmarks/adapprox_speed.md).
 
     State per parameter (all fp32 tensors, full logical shapes): ``Q``, ``U`` (matrices),
     ``exp_avg_sq`` (vectors), ``exp_avg`` (when beta1 > 0); ``rank`` (the rank the next sketch
@@ -133,6 +143,7 @@ class Adapprox(MemoptOptimizer):
     """
 
     supports_sharding = True
+    has_fused_kernels = True
     # For memopt.checkpoint's name-keyed checkpoints: Q is indexed by rows, U by columns, and both
     # change their last dim (the rank) over training.
     state_kinds = {"Q": "row", "U": "col"}
@@ -497,6 +508,21 @@ class Adapprox(MemoptOptimizer):
                            clip_scale_t(c2, u_rms, group), group, step_size, ok)
         return ok, (q, u, k, error)
 
+    def _fused_whole(self, u) -> bool:
+        # A ZeRO partition holding whole parameters keeps the sharded step: its state is flat
+        # (Q as (rows, k), M as a vector), which the local torch fallback cannot take.
+        return False
+
+    def _workspace(self, shape) -> torch.Tensor:
+        """The m x n buffer of a fused (CPU) matrix update, kept between updates and sized to the
+        largest matrix: a fresh buffer pays its page faults on every step (G*G into a fresh
+        50257 x 768 buffer: 79 ms, into a kept one: 27 ms; docs/benchmarks/adapprox_speed.md)."""
+        n = math.prod(shape)
+        if getattr(self, "_scratch", None) is None or self._scratch.numel() < n:
+            self._scratch = None  # free the old one before the larger one is allocated
+            self._scratch = torch.empty(n, dtype=torch.float32)
+        return self._scratch[:n].view(shape)
+
     def _update(self, p, grad, state, group, step):
         if p.numel() == 0:
             return True
@@ -524,14 +550,16 @@ class Adapprox(MemoptOptimizer):
         beta2 = group["betas"][1]
 
         # The one m x n buffer of the step: G*G for the sketch, then V and the residual, then
-        # Vhat and Uhat.
-        buf = torch.mul(g, g)
-        g2_sum = buf.sum()
-        if not is_finite(g2_sum):
+        # Vhat and Uhat. ``kern``: the fused C++ element-wise passes, or None for torch ops.
+        kern = cpu_kernels_for(group, p, g)
+        buf = self._workspace(g.shape) if kern else torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        g2_sum = kern.square_sum(g, buf) if kern else float(torch.mul(g, g, out=buf).sum())
+        # > FLT_MAX: the kernel sums in double, where a float sum would have overflowed.
+        if not math.isfinite(g2_sum) or g2_sum > _FLT_MAX:
             return False
         # Typical size of G*G, to keep the error's norms in fp32 range (any positive value is
         # correct; 1 when the gradient is all zero).
-        g2_mean = float(g2_sum) / buf.numel() or 1.0
+        g2_mean = g2_sum / buf.numel() or 1.0
 
         # -- S-RSI: Q, U of V_t = beta2 * Q_prev U_prev^T + (1 - beta2) * G*G -------------
         k_prev = state["Q"].shape[-1]  # 0 before the first step
@@ -544,24 +572,27 @@ class Adapprox(MemoptOptimizer):
 
         # -- error (sketch steps only), then Vhat and Uhat, all in the scratch buffer ---------
         c2, eps, step_size = corrections(group, step)
-        checks = []
+        error = 0.0
         if fresh:
             v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
             # AS-RSI. A stack's error is that of its worst matrix.
-            error = relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max()
-            checks.append(error)
-        uhat = uhat_(torch.bmm(q, u.mT, out=buf), g, group, eps)
-        u_sq = torch.linalg.vector_norm(uhat).double().square()
+            error = float(relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max())
+        uhat = torch.bmm(q, u.mT, out=buf)
+        if kern:
+            u_sq = kern.uhat_sumsq_(uhat, g, group, eps)
+        else:
+            u_sq = float(torch.linalg.vector_norm(uhat_(uhat, g, group, eps)).double().square())
         # The last guard before the state changes: an overflow inside the products or the
         # update shows up here as inf/nan.
-        if not is_finite(torch.stack([*checks, u_sq])):
+        if not (math.isfinite(error) and math.isfinite(u_sq)):
             return False
 
         # -- commit ------------------------------------------------------------------------
         state["Q"] = q.view(*p.shape[:-1], k)
         state["U"] = u.view(*p.shape[:-2], n, k)
         if fresh:
-            self._next_rank(state, group, k, float(error), k_min, k_max)
-        u_scale = clip_scale(c2, math.sqrt(float(u_sq) / p.numel()), group)
-        apply_update(p, uhat.view(p.shape), first_moment(p, state, group), u_scale, group, step_size)
+            self._next_rank(state, group, k, error, k_min, k_max)
+        u_scale = clip_scale(c2, math.sqrt(u_sq / p.numel()), group)
+        (kern.apply_update_ if kern else apply_update)(
+            p, uhat.view(p.shape), first_moment(p, state, group), u_scale, group, step_size)
         return True

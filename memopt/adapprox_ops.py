@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from .base import check_beta, check_nonnegative, check_positive
+from .kernels import KernelUnavailable, cpu_adapprox
 from .lowrank import residual_norms_
+from .paths import resolve_fused
 
 VHAT_FLOORS = ("grad", "zero")
 
@@ -104,6 +106,23 @@ def local_error_and_uhat(L, s, g, q_prev, u_prev, q, u, group, eps, scale, with_
         g_blk = gflat[pc.off:pc.off + pc.rows * pc.cols].view(pc.rows, pc.cols)
         uhat_(torch.mm(q[pc.mat, rows], u[pc.mat, cols].T, out=blk), g_blk, group, eps)
     return s, v2, r2
+
+
+def cpu_kernels_for(group: dict, p: torch.Tensor, g: torch.Tensor):
+    """``memopt.kernels.cpu_adapprox`` when the update of matrix ``p`` (gradient ``g``) runs fused
+    (``resolve_fused``: fused=True, or None with foreach None on a CPU where the kernels build),
+    else None (torch ops, also for a non-contiguous ``p`` or ``g``: the kernels walk flat memory)."""
+    if not resolve_fused(group, p.device):
+        return None
+    if p.device.type == "cpu" and cpu_adapprox.ready():
+        return cpu_adapprox if p.is_contiguous() and g.is_contiguous() else None
+    if group["fused"]:
+        raise KernelUnavailable(
+            f"Adapprox: fused=True needs the CPU kernels (memopt.kernels.cpu_adapprox) and a CPU parameter, got a "
+            f"{p.device.type} one ({cpu_adapprox.unavailable_reason() or 'no kernels for this device'}); "
+            "leave fused=None or pass fused=False"
+        )
+    return None
 
 
 def uhat_(vhat: torch.Tensor, g: torch.Tensor, group: dict, eps: float) -> torch.Tensor:

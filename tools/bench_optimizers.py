@@ -145,14 +145,20 @@ def _floor_case():
     return Case("floor: W -= eps*G (read G, read+write W)", "floor", "torch", build, lambda: 0)
 
 
-def _memopt_cases(paths: str) -> list[Case]:
-    """The memopt rows: the default constructor, or both paths side by side."""
+def _memopt_cases(paths: str, adapprox_resketch: tuple[int, ...] = (1,)) -> list[Case]:
+    """The memopt rows: the default constructor, or both paths side by side; Adapprox once per
+    ``resketch_every`` in ``adapprox_resketch`` (1, its default, keeps the plain label)."""
+    adapprox = [
+        ("memopt Adapprox" + ("" if k == 1 else f" (resketch_every={k})"), "adapprox",
+         lambda ps, k=k, **f: memopt.Adapprox(ps, lr=1e-4, resketch_every=k, **f))
+        for k in adapprox_resketch
+    ]
     specs = [
         ("memopt Adafactor", "adafactor", lambda ps, **f: memopt.Adafactor(ps, **f)),
         ("memopt CAME", "came", lambda ps, **f: memopt.CAME(ps, lr=2e-4, **f)),
         ("memopt AdaLomo (step)", "adalomo", lambda ps, **f: memopt.AdaLomo(ps, lr=1e-3, **f)),
         ("memopt LOMO (step)", "lomo", lambda ps, **f: memopt.Lomo(ps, lr=1e-3, **f)),
-        ("memopt Adapprox", "adapprox", lambda ps, **f: memopt.Adapprox(ps, lr=1e-4, **f)),
+        *adapprox,
     ]
     variants = [("", {})] if paths == "default" else [(" [foreach=False]", dict(foreach=False)),
                                                      (" [foreach=True]", dict(foreach=True))]
@@ -161,7 +167,6 @@ def _memopt_cases(paths: str) -> list[Case]:
     return [
         _optimizer_case(label + suffix, algorithm, "memopt", lambda ps, make=make, kw=kw: make(ps, **kw))
         for label, algorithm, make in specs for suffix, kw in variants
-        if not kw.get("fused") or algorithm != "adapprox"  # Adapprox has no fused kernels
     ]
 
 
@@ -176,12 +181,12 @@ def _deepspeed_cpu_adam_case():
     return _optimizer_case("DeepSpeedCPUAdam (adamw_mode)", "adamw", "deepspeed", make)
 
 
-def all_cases(paths: str = "default") -> list[Case]:
+def all_cases(paths: str = "default", adapprox_resketch: tuple[int, ...] = (1,)) -> list[Case]:
     from came_pytorch import CAME as PeerCAME
     from transformers.optimization import Adafactor as HFAdafactor
 
-    ours = {c.algorithm: [] for c in _memopt_cases(paths)}
-    for c in _memopt_cases(paths):
+    ours = {c.algorithm: [] for c in _memopt_cases(paths, adapprox_resketch)}
+    for c in _memopt_cases(paths, adapprox_resketch):
         ours[c.algorithm].append(c)
     return [
         _floor_case(),
@@ -206,7 +211,8 @@ def all_cases(paths: str = "default") -> list[Case]:
 
 
 def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: str = "cpu",
-        dtype: str = "float32", paths: str = "default", hidden: int = 768, peers: bool = True) -> dict:
+        dtype: str = "float32", paths: str = "default", hidden: int = 768, peers: bool = True,
+        adapprox_resketch: tuple[int, ...] = (1,)) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
     dt_ = getattr(torch, dtype)
@@ -215,7 +221,7 @@ def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: st
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device=dev, dtype=dt_) for s in shapes]
     init = [torch.randn(s, generator=gen).mul_(0.02).to(device=dev, dtype=dt_) for s in shapes]
-    cases = [c for c in all_cases(paths) if not only or c.algorithm in only or c.algorithm == "floor"]
+    cases = [c for c in all_cases(paths, adapprox_resketch) if not only or c.algorithm in only or c.algorithm == "floor"]
     if not peers:  # memopt rows and the AdamW references only (each case holds a copy of the model)
         cases = [c for c in cases if c.implementation == "memopt" or c.algorithm in ("floor", "adamw")]
     # On an accelerator a step only queues work: time it to the end of the device's queue.
@@ -268,7 +274,8 @@ def run(layers: int, warmup: int, steps: int, only: list[str] | None, device: st
         params=n_params, layers=layers, hidden=hidden, warmup=warmup, timed_steps=steps, dtype=dtype, device=device,
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, paths=paths,
         torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(), results=results, left_out=failed,
+        cpus=os.cpu_count(), load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None, results=results,
+        left_out=failed,
     )
 
 
@@ -292,7 +299,11 @@ def check(report: dict) -> list[str]:
 # and reads+writes W (12). AdamW also reads+writes M and V (28). A factored step needs the whole
 # matrix's row and column sums before W moves, so it reads G twice and W twice (RMS(W), update):
 # 20. CAME adds M read+write in its second pass and M read in its third: 28. LOMO is the floor.
-BYTES_PER_PARAM = {"floor": 12, "adamw": 28, "adafactor": 20, "adalomo": 20, "came": 28, "lomo": 12}
+# Adapprox: U = V^T Q needs all of G*G before any Vhat is known, and the RMS clip all of Uhat
+# before M moves, so G is read three times (U, RMS, update; Q U^T recomputed, never stored) and M,
+# W read and written once: 28. (memopt's step between sketches moves 48: G*G and Q U^T go through
+# an m x n buffer for the GEMMs.)
+BYTES_PER_PARAM = {"floor": 12, "adamw": 28, "adafactor": 20, "adalomo": 20, "came": 28, "lomo": 12, "adapprox": 28}
 
 # Issue 16 part 4: a memopt step's time at most this multiple of torch AdamW(fused)'s.
 TARGET_X_ADAMW_FUSED = {"adafactor": 1.0, "adalomo": 1.0, "came": 1.5, "lomo": 1.0, "adapprox": 3.0}
@@ -339,7 +350,10 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
         f"Command: `{command}`",
         "",
         f"{report['params'] / 1e6:.1f}M parameters ({report['layers']} layers), {report['cpus']} CPUs, "
-        f"{report['threads']} torch threads, torch {report['torch']}. Median of {report['timed_steps']} timed "
+        f"{report['threads']} torch threads, torch {report['torch']}"
+        + (f", load average {', '.join(f'{x:.1f}' for x in report['load_avg'])} at the end"
+           if report.get("load_avg") else "")
+        + f". Median of {report['timed_steps']} timed "
         f"steps after {report['warmup']} warm-up steps; all cases interleaved round by round in one process, "
         "so compare ratios, not absolute times.",
         "",
@@ -406,16 +420,18 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="default", choices=["default", "both", "fused"],
                     help="memopt rows: the default constructor; foreach=False and foreach=True side by side; "
                          "or foreach=False and fused=True side by side (+ DeepSpeedCPUAdam)")
+    ap.add_argument("--adapprox-resketch", type=int, nargs="+", default=[1], metavar="K",
+                    help="Adapprox rows, one per resketch_every K (default: 1, its default)")
     ap.add_argument("--no-peers", action="store_true",
                     help="leave out the peer implementations (memopt, AdamW and floor rows only: less memory)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.layers < 1 or args.hidden < 1:
-        ap.error("--steps, --layers and --hidden must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.layers < 1 or args.hidden < 1 or min(args.adapprox_resketch) < 1:
+        ap.error("--steps, --layers, --hidden and --adapprox-resketch must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
 
     report = run(args.layers, args.warmup, args.steps, args.only, args.device, args.dtype, args.paths, args.hidden,
-                 peers=not args.no_peers)
+                 peers=not args.no_peers, adapprox_resketch=tuple(args.adapprox_resketch))
     checks = check(report)
     command = "python tools/bench_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)

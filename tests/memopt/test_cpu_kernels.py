@@ -174,8 +174,6 @@ def test_flag_errors():
     p = torch.nn.Parameter(torch.randn(3, 3))
     with pytest.raises(ValueError, match="cannot both be set"):
         memopt.Adafactor([p], foreach=True, fused=True)
-    with pytest.raises(NotImplementedError, match="Adapprox: fused=True"):
-        memopt.Adapprox([p], lr=1e-3, fused=True)
 
 
 def test_without_a_compiler_falls_back_with_one_warning(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import bench_optimizers as bench  # noqa: E402
@@ -70,5 +72,12 @@ def test_fused_paths_add_fused_cases_and_deepspeed_cpu_adam():
     labels = [c.label for c in bench.all_cases("fused")]
     assert "memopt Adafactor [foreach=False]" in labels and "memopt Adafactor [foreach=True]" not in labels
     assert "memopt Adafactor [fused=True]" in labels and "memopt LOMO (step) [fused=True]" in labels
-    assert not any(label.startswith("memopt Adapprox [fused") for label in labels)
+    assert "memopt Adapprox [fused=True]" in labels
     assert "DeepSpeedCPUAdam (adamw_mode)" in labels
+
+
+def test_adapprox_rows_per_resketch_every():
+    cases = [c for c in bench.all_cases("default", adapprox_resketch=(1, 8)) if c.algorithm == "adapprox"]
+    assert [c.label for c in cases] == ["memopt Adapprox", "memopt Adapprox (resketch_every=8)"]
+    opt = cases[1].build([torch.nn.Parameter(torch.zeros(4, 3))]).__self__  # build returns opt.step
+    assert opt.param_groups[0]["resketch_every"] == 8
