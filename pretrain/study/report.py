@@ -59,13 +59,20 @@ def summarize_task(task_out: dict) -> dict:
             row["zeroshot_seeds"] = len(zs)
         rows[key] = row
     ranked = sorted((r for r in rows.values() if "mean" in r), key=lambda r: r["mean"])
+    by_seed = {key: {r["seed"]: r["final_val_loss"] for r in task_out["final"]
+                     if r["key"] == key and _finite(r.get("final_val_loss"))} for key in rows}
     pairs = []
     for a, b in combinations(ranked, 2):
         if len(a["val_losses"]) < 2 or len(b["val_losses"]) < 2:
             verdict = None  # one seed: no noise estimate
         else:
             verdict = a["hi"] < b["lo"]
-        pairs.append(dict(better=a["key"], worse=b["key"], gap=b["mean"] - a["mean"], beyond_noise=verdict))
+        # Paired by seed: a seed fixes the initialization and the data order for every optimizer,
+        # so a seed that is hard for one is hard for all; the per-seed differences remove that.
+        seeds = sorted(set(by_seed[a["key"]]) & set(by_seed[b["key"]]))
+        diffs = [by_seed[b["key"]][sd] - by_seed[a["key"]][sd] for sd in seeds]
+        pairs.append(dict(better=a["key"], worse=b["key"], gap=b["mean"] - a["mean"], beyond_noise=verdict,
+                          paired_diffs=diffs, paired_consistent=(all(d > 0 for d in diffs) if len(diffs) >= 2 else None)))
     return dict(rows=rows, ranking=[r["key"] for r in ranked], pairs=pairs,
                 failed_sweep=task_out.get("failed_sweep", []), incomplete=task_out.get("incomplete", []))
 
@@ -305,7 +312,14 @@ def task_section(task: str, meta: dict, task_out: dict, summary: dict, plots: di
         for a, b in zip(rk, rk[1:]):
             p = next(x for x in pairs if x["better"] == a and x["worse"] == b)
             word = "beyond noise" if p["beyond_noise"] else ("within noise" if p["beyond_noise"] is False else "no noise estimate")
-            L.append(f"- {rows[a]['label']} < {rows[b]['label']}: gap {p['gap']:.3f}, {word}")
+            paired = ""
+            if p.get("paired_diffs"):
+                paired = ("; per seed " + ", ".join(f"{d:+.3f}" for d in p["paired_diffs"])
+                          + (" (the same order on every seed)" if p["paired_consistent"] else ""))
+            L.append(f"- {rows[a]['label']} < {rows[b]['label']}: gap {p['gap']:.3f}, {word}{paired}")
+        consistent = [p for p in pairs if p.get("paired_consistent")]
+        L += ["", f"Paired by seed (every optimizer shares a seed's initialization and data order, so the seed-to-seed "
+              f"spread is partly common to all): {len(consistent)} of {len(pairs)} pairs keep their order on every seed."]
     L += ["", f"![validation loss vs tokens]({plots['loss']})", "", f"![memory vs final loss]({plots['memory']})",
           "", f"![lr sweep]({plots['sweep']})", ""]
     return L

@@ -152,6 +152,14 @@ def test_noise_and_paper_verdicts():
     assert s["ranking"] == ["adafactor", "came", "adamw", "sgd"]
     pair = {(p["better"], p["worse"]): p["beyond_noise"] for p in s["pairs"]}
     assert pair[("came", "adamw")] is False and pair[("adamw", "sgd")] is True and pair[("adafactor", "came")] is True
+    # paired by seed: CAME is 0.05 ahead of AdamW on each seed, so it keeps its order although the
+    # min-max intervals overlap; a pair whose order flips on one seed is not consistent
+    paired = {(p["better"], p["worse"]): (p["paired_diffs"], p["paired_consistent"]) for p in s["pairs"]}
+    assert paired[("came", "adamw")][0] == pytest.approx([0.05, 0.05]) and paired[("came", "adamw")][1] is True
+    flip = summarize_task(dict(sweep=finals[:2] + [run("adamw", 1, 3.95), run("adamw", 2, 4.2)],
+                               final=finals[:2] + [run("adamw", 1, 3.95), run("adamw", 2, 4.2)],
+                               best_lr={"came": 1e-3, "adamw": 1e-3}))
+    assert flip["pairs"][0]["paired_consistent"] is False
     cmp = compare_with_paper(s)
     verdict = {(p["ours_better"], p["ours_worse"]): (p["paper_agrees"], p["beyond_noise"]) for p in cmp["pairs"]}
     assert verdict[("came", "adamw")] == (True, False)
