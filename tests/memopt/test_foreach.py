@@ -98,8 +98,8 @@ def test_foreach_none_is_the_per_parameter_path_on_cpu_and_fused_flags_are_check
     assert memopt.base.resolve_foreach({"foreach": None}, torch.device("cuda"))
     # fused=True takes the per-parameter path (memopt.kernels), on any device
     assert not memopt.base.resolve_foreach({"foreach": None, "fused": True}, torch.device("cuda"))
-    with pytest.raises(NotImplementedError, match="Adapprox: fused=True .* not available"):
-        memopt.create_optimizer("adapprox", [p], fused=True)
+    # Adapprox has fused CPU kernels now (memopt/kernels/cpu_adapprox.py): fused=True is accepted
+    assert memopt.create_optimizer("adapprox", [p], fused=True).param_groups[0]["fused"] is True
     for name in ("adafactor", "came", "lomo", "adalomo", "adapprox"):
         hp = {"lr": 1e-3} if name in ("came",) else {}
         with pytest.raises(ValueError, match="foreach must be"):
