@@ -284,14 +284,13 @@ def measure(plan, steps: int) -> dict:
     from pretrain.study.study import StudyPlan, subprocess_run, tokens_per_step, train_spec
 
     speeds = {}
-    mplan = StudyPlan(plan.tasks, plan.entries, evals_per_run=1, work_dir=str(Path(plan.work_dir) / "measure"))
+    mplan = StudyPlan(plan.tasks, plan.entries, evals_per_run=1, work_dir=str(Path(plan.work_dir) / "measure"),
+                      jobs=plan.jobs)
     for tp in plan.tasks:
         per_step = tokens_per_step(tp.config, tp.model_overrides)[2]
         for e in plan.entries:
-            spec = train_spec(mplan, tp, e, plan.lrs(e, tp)[0], plan.seeds[0], "measure", steps * per_step, False, False)
-            if plan.jobs > 1:
-                spec["threads"] = max(1, (os.cpu_count() or 1) // plan.jobs)
-            r = subprocess_run(spec)
+            r = subprocess_run(train_spec(mplan, tp, e, plan.lrs(e, tp)[0], plan.seeds[0], "measure", steps * per_step,
+                                          False, False))
             idle = (r.get("tokens_per_cpu_s") or 0) * (r.get("torch_threads") or 1)
             speeds[(tp.name, e.key)] = dict(tokens_per_s=r.get("tokens_per_s"), idle_tokens_per_s=idle or None)
             print(f"measured {tp.name} {e.key}: {r.get('tokens_per_s') or 0:.0f} tokens/s wall, "

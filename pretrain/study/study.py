@@ -124,7 +124,9 @@ def train_spec(plan: StudyPlan, tp: TaskPlan, entry: Entry, lr: float, seed: int
     return dict(kind="train", name=name, task=tp.task, config=tp.config, overrides=overrides, output_dir=str(out),
                 key=entry.key, label=entry.label, optimizer=entry.optimizer, hparams=hparams, lr=lr,
                 seed=seed, phase=phase, tokens_budget=tokens, steps=steps, tokens_per_step=per_step,
-                run_zeroshot=zeroshot, zeroshot_limit=plan.zeroshot_limit, keep_checkpoint=keep_checkpoint)
+                run_zeroshot=zeroshot, zeroshot_limit=plan.zeroshot_limit, keep_checkpoint=keep_checkpoint,
+                # runs side by side share the cores (not part of what is trained: see same_spec)
+                **({"threads": max(1, (os.cpu_count() or 1) // plan.jobs)} if plan.jobs > 1 else {}))
 
 
 def _spec_root(spec: dict) -> str:
@@ -242,8 +244,6 @@ def run_entry(plan: StudyPlan, tp: TaskPlan, entry: Entry, run_fn: Callable[[dic
 
     def train(lr, seed, phase, tokens, keep, zeroshot):
         spec = train_spec(plan, tp, entry, lr, seed, phase, tokens, keep_checkpoint=keep, zeroshot=zeroshot)
-        if plan.jobs > 1:
-            spec["threads"] = max(1, (os.cpu_count() or 1) // plan.jobs)
         if plan.deadline is not None and time.time() > plan.deadline:
             return finished_result(spec) or _missing(spec)
         log(f"[{tp.name}] {phase} {entry.key} lr={lr:.3g} seed={seed} ({spec['steps']} steps)")
