@@ -24,7 +24,8 @@ trained for ``--sweep-tokens`` with the first seed; the lr with the lowest final
 loss is trained for ``--budget-tokens`` with every seed (the sweep run is reused when both
 budgets are equal); each final GPT model is evaluated zero-shot on the local held-out tasks.
 Each run is a separate process (``pretrain.study.worker``) so peak RSS is per run; finished runs
-are reused when the command is repeated (the study resumes). Writes report.md, loss/memory/sweep
+are reused when the command is repeated (the study resumes), also from a fresh clone: the runs the
+committed ``--out``/results.json holds are restored into ``--work-dir`` first. Writes report.md, loss/memory/sweep
 PNGs, results.json and raw/<task>/<run>/metrics.jsonl under ``--out``.
 """
 from __future__ import annotations
@@ -332,6 +333,7 @@ def main(argv=None, run_fn=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from pretrain.study.report import write_report
+    from pretrain.study.restore import restore_runs
     from pretrain.study.study import run_study, subprocess_run
 
     plan = build_plan(args)
@@ -356,6 +358,10 @@ def main(argv=None, run_fn=None) -> int:
 
     for tokenizer, cache in sorted({(tp.tokenizer, tp.cache_dir) for tp in plan.tasks}):
         bundled.prepare(cache, tokenizer)  # once, before runs side by side would each start preparing it
+    restored = restore_runs(Path(args.out), Path(args.work_dir))
+    if restored:
+        print(f"restored {restored} finished runs from {Path(args.out) / 'results.json'} into {args.work_dir} "
+              "(each is reused only if its spec matches this plan's)")
     study = run_study(plan, run_fn or subprocess_run)
     meta["timing"] = timing(plan, study, params=params)
     label = args.label or ("PARTIAL: the study is not finished; repeat the command to resume it" if study["partial"] else None)

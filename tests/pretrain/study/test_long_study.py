@@ -176,3 +176,65 @@ def test_a_run_made_in_another_checkout_is_still_reused(tmp_path):
     assert same_spec(dict(there, label="GaLore-AdamW r=96"), dict(here, label="GaLore-AdamW r=hidden/4"))
     assert not same_spec(dict(there, overrides=[there["overrides"][0], "train.steps=1000"]), here)
     assert not same_spec(dict(there, lr=3e-3), here)
+
+
+class LoggingStub(Stub):
+    """Reuses a finished run with the same spec, as ``study.subprocess_run`` does, and also writes
+    the trainer's metrics.jsonl, which the report copies into raw/."""
+
+    def __call__(self, spec):
+        from pretrain.study.study import finished_result
+
+        old = finished_result(spec)
+        if old is not None:
+            return old
+        result = super().__call__(spec)
+        (Path(spec["output_dir"]) / "metrics.jsonl").write_text(json.dumps({"step": spec["steps"], "lr": spec["lr"]}) + "\n")
+        return result
+
+
+def test_a_fresh_clone_resumes_from_the_committed_report_without_retraining(tmp_path):
+    import shutil
+
+    tool = _tool()
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    common = ["--long", "--steps", "8", "--min-tokens-per-param", "0", "--optimizers", "adamw", "--tasks", "gpt",
+              "--sizes", "s", "--seeds", "1,2", "--out", str(out)]
+    assert tool.main([*common, "--work-dir", str(runs)], run_fn=LoggingStub()) == 0
+    before = json.loads((out / "results.json").read_text())["summaries"]["gpt_s"]["rows"]["adamw"]
+    raw_before = sorted(p.relative_to(out) for p in (out / "raw").rglob("metrics.jsonl"))
+    assert len(raw_before) == 5
+    # a fresh clone: the run directories are gone, only the report directory was committed
+    shutil.rmtree(runs)
+    fresh = tmp_path / "clone_runs"
+    stub = LoggingStub()
+    assert tool.main([*common, "--work-dir", str(fresh)], run_fn=stub) == 0
+    assert stub.calls == []  # nothing retrained
+    data = json.loads((out / "results.json").read_text())
+    after = data["summaries"]["gpt_s"]["rows"]["adamw"]
+    assert after["val_losses"] == before["val_losses"] and after["best_lr"] == before["best_lr"]
+    assert sorted(p.relative_to(out) for p in (out / "raw").rglob("metrics.jsonl")) == raw_before  # raw/ kept
+    assert all(r["output_dir"].startswith(str(fresh)) for r in data["study"]["tasks"]["gpt_s"]["sweep"])
+    # a plan with other settings (same run names, another warm-up) does not take the stored runs for its own
+    other = LoggingStub()
+    assert tool.main([*common, "--warmup-fraction", "0.5", "--work-dir", str(tmp_path / "other_runs")],
+                     run_fn=other) == 0
+    assert len(other.calls) == 5
+
+
+def test_a_crashed_run_in_the_report_is_not_restored(tmp_path):
+    from pretrain.study.restore import restore_runs
+
+    ok = dict(kind="train", name="a", output_dir="/old/runs/gpt_s/a", final_val_loss=3.0)
+    crashed = dict(kind="train", name="b", output_dir="/old/runs/gpt_s/b", failed=True, error="worker exited -9",
+                   final_val_loss=None)
+    diverged = dict(kind="train", name="c", output_dir="/old/runs/gpt_s/c", failed=True, final_val_loss=None)
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"study": {"tasks": {"gpt_s": {"sweep": [ok, crashed, diverged], "final": [dict(ok, reused_from_sweep=True)]}}}}))
+    assert restore_runs(tmp_path, tmp_path / "runs") == 2
+    got = json.loads((tmp_path / "runs/gpt_s/a/result.json").read_text())
+    assert got["output_dir"] == str(tmp_path / "runs/gpt_s/a") and "reused_from_sweep" not in got
+    assert not (tmp_path / "runs/gpt_s/b").exists() and (tmp_path / "runs/gpt_s/c/result.json").is_file()
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        restore_runs(tmp_path, tmp_path / "runs")
