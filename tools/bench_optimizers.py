@@ -396,8 +396,11 @@ def markdown(report: dict, command: str, checks: list[str]) -> str:
         "statistics before the first element of W can be updated, so it reads G twice and W twice "
         "(once for RMS(W), once to update): about 20 bytes per parameter, 1.7x the floor's traffic, "
         "in two cache-blocked passes (memopt/factored.py). The 'x floor' column is the measured "
-        "ratio; what remains above 1.7x is per-operation overhead of running the passes as "
-        "separate torch kernels on cache-sized row blocks instead of one fused loop. 'bytes/param' "
+        "ratio. What remains above 1.7x is, on the reference path (foreach=False), per-operation "
+        "overhead of running the passes as separate torch kernels on cache-sized row blocks; on the "
+        "fused kernels (fused=True, one loop per pass) it is mostly that the first pass only reads, "
+        "and a read-only stream moves fewer bytes per second here than the floor's read-and-write "
+        "one (docs/foreach.md). 'bytes/param' "
         "is that least traffic for each algorithm (tools/bench_optimizers.py BYTES_PER_PARAM) and "
         "'x its byte floor' the measured time over the floor row scaled to those bytes: 1.0 would be "
         "a step that only moves its bytes at this machine's W += G speed.",
