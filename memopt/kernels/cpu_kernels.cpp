@@ -10,8 +10,9 @@
 // the state bit for bit unchanged. Every per-element expression follows the order of the torch
 // reference path (memopt/factored.py, adafactor.py, came.py, lomo.py); sums over many elements
 // are accumulated in double across rows (a row, or 16 rows of a column, in float; the reference
-// sums in float), which keeps them within float round-off of the reference. Loops are written for the auto-vectoriser (`omp simd`) and rows
-// are split across threads with at::parallel_for (torch's own OpenMP pool).
+// sums in float), which keeps them within float round-off of the reference. Loops are written
+// for the auto-vectoriser (`omp simd`) and rows are split across threads with at::parallel_for
+// (torch's own OpenMP pool).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
