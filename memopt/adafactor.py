@@ -177,11 +177,12 @@ class FactoredSecondMoment(FusedKernelOptimizer):
         apply_update_(ws, torch.mul(mom, expand(-lr_t, u.dim()), out=u), decay, self.multiplicative_decay)
         return ok
 
-    def _factored_kernel(self, p, grad, state, group, **scalars):
+    def _factored_kernel(self, p, grad, state, group, host=False, **scalars):
         """``memopt.kernels.factored_step_`` on ``p`` and its state (one call, two passes over
-        memory) with the step's ``beta2`` / ``step_size`` (and ``one_minus_beta2``); (ok, scale)."""
+        memory) with the step's ``beta2`` / ``step_size`` (and ``one_minus_beta2``); (ok, scale),
+        as Python values with ``host`` (``factored_step_host``)."""
         eps1, eps2 = group["eps"]
-        return kernels.factored_step_(
+        return (kernels.factored_step_host if host else kernels.factored_step_)(
             p, grad.contiguous(), sq_row=state.get("exp_avg_sq_row"), sq_col=state.get("exp_avg_sq_col"),
             sq=state.get("exp_avg_sq"), exp_avg=state.get("exp_avg"), eps1=eps1, eps2=eps2,
             clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
@@ -189,14 +190,40 @@ class FactoredSecondMoment(FusedKernelOptimizer):
             beta1=group.get("beta1"), **scalars,
         )
 
+    def _weight_row_sq(self, p, state, group):
+        """[state, row sums of W^2, valid] kept for the C++ kernel's speculation (cpu_kernels.cpp,
+        factored_step: lr_t from the sums of the W it last wrote, checked on every row and repaired
+        if W changed in between), or None where it does not apply. Outside the state dict: it is
+        a cache, rebuilt by the first step after a load."""
+        # Only for a W that persists between steps: a bf16 parameter is stepped through a fresh
+        # fp32 copy (never the bits the kernel wrote), so every speculation would be repaired.
+        if not (group["scale_parameter"] and p.dim() >= 2 and p.device.type == "cpu" and self.state.get(p) is state):
+            return None
+        cache = self.__dict__.setdefault("_row_sq_cache", {})
+        rows = p.numel() // p.shape[-1]
+        entry = cache.get(id(state))
+        if entry is None or entry[0] is not state or entry[1].numel() != rows:
+            # The state rides along so that its id cannot be reused while the entry exists.
+            entry = cache[id(state)] = [state, torch.empty(rows, dtype=torch.float32), False]
+        return entry
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.__dict__.pop("_row_sq_cache", None)
+
     def _fused_update(self, p, grad, state, group, step) -> bool:
         """``_update`` by the kernel at host ``step`` (the C++ backend's path)."""
-        ok, scale = self._factored_kernel(p, grad, state, group, beta2=self._beta2(group, step),
-                                          step_size=self._step_size(group, step))
-        if not bool(ok):
+        cached = self._weight_row_sq(p, state, group)
+        ok, scale = self._factored_kernel(p, grad, state, group, host=True, beta2=self._beta2(group, step),
+                                          step_size=self._step_size(group, step),
+                                          **({} if cached is None else
+                                             {"weight_row_sq": cached[1], "weight_row_sq_valid": cached[2]}))
+        if not ok:
             return False
+        if cached is not None:
+            cached[2] = True
         if group["scale_parameter"]:
-            self._note_scale(state, float(scale))
+            self._note_scale(state, scale)
         return True
 
     def _fused_update_t(self, p, grad, state, group, t):

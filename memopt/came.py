@@ -164,11 +164,12 @@ class CAME(FusedKernelOptimizer):
             w.add_(L.scale(st["exp_avg"], ra, rs), alpha=-lr)
         return ok
 
-    def _fused_update_t(self, p, grad, state, group, t):
-        """``memopt.kernels.came_step_``: no scalar of CAME depends on the step ``t``."""
+    def _fused_update_t(self, p, grad, state, group, t, host=False):
+        """``memopt.kernels.came_step_`` (``came_step_host`` with ``host``: ok as a bool): no
+        scalar of CAME depends on the step ``t``."""
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
-        return kernels.came_step_(
+        return (kernels.came_step_host if host else kernels.came_step_)(
             p, grad.contiguous(), exp_avg=state["exp_avg"], sq_row=state.get("exp_avg_sq_row"),
             sq_col=state.get("exp_avg_sq_col"), res_row=state.get("exp_avg_res_row"),
             res_col=state.get("exp_avg_res_col"), sq=state.get("exp_avg_sq"), lr=group["lr"], beta1=beta1,
@@ -181,7 +182,7 @@ class CAME(FusedKernelOptimizer):
         eps1, eps2 = group["eps"]
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         if p.is_contiguous() and resolve_fused(group, p.device):
-            return bool(self._fused_update_t(p, grad, state, group, step))
+            return self._fused_update_t(p, grad, state, group, step, host=True)
         exp_avg = state["exp_avg"]
 
         if p.dim() < 2:

@@ -97,14 +97,16 @@ class Lomo(FusedKernelOptimizer, FusedBackwardOptimizer):
     def _foreach_update(self, ws, grads, states, group, t):
         return _foreach_lomo(ws, grads, group)
 
-    def _fused_update_t(self, p, grad, state, group, t):
+    def _fused_update_t(self, p, grad, state, group, t, host=False):
         # One pass to check G, one to update: exact skip, no roll-back (memopt.kernels).
-        return kernels.lomo_step_(p, grad.contiguous(), lr=group["lr"], weight_decay=group["weight_decay"])
+        # ``host``: the host path's call, ok as a bool (memopt.kernels.lomo_step_host).
+        return (kernels.lomo_step_host if host else kernels.lomo_step_)(
+            p, grad.contiguous(), lr=group["lr"], weight_decay=group["weight_decay"])
 
     def _update(self, p, grad, state, group, step):
         lr, wd = group["lr"], group["weight_decay"]
         if p.is_contiguous() and resolve_fused(group, p.device):
-            return bool(self._fused_update_t(p, grad, state, group, step))
+            return self._fused_update_t(p, grad, state, group, step, host=True)
         w, g = p.view(-1), grad.reshape(-1)
         if w.is_cuda:
             # On a GPU a host sync per block would stall the stream: check once, then update.

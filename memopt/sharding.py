@@ -353,12 +353,20 @@ class LayoutOptimizer(Protocol):
         """The bound flat partitions, read-only."""
 
 
-def is_dtensor(t) -> bool:
+def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_dtensor(t) -> bool:
+    # Called for every parameter on every step: the class is looked up once, at import.
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def dtensor_layout(p) -> tuple[torch.Tensor, Layout]:

@@ -66,7 +66,8 @@ import warnings
 
 import torch
 
-__all__ = ["KernelUnavailable", "available", "backend", "came_step_", "factored_step_", "lomo_step_", "sync_free"]
+__all__ = ["KernelUnavailable", "available", "backend", "came_step_", "came_step_host", "factored_step_",
+           "factored_step_host", "lomo_step_", "lomo_step_host", "sync_free"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -75,6 +76,9 @@ class KernelUnavailable(RuntimeError):
 
 _BACKEND_MODULES = {"cpu": "memopt.kernels.cpu", "cuda": "memopt.kernels.triton"}
 _loaded: dict[str, object | None] = {}
+# The same answers keyed by the device object the caller passed: the per-parameter path asks
+# for every parameter on every step, and building torch.device(...) each time costs more.
+_by_device: dict[object, object | None] = {}
 
 
 def backend(device):
@@ -83,7 +87,19 @@ def backend(device):
     A backend module exposes ``ready() -> bool`` (False, having warned once, when it cannot run
     here), ``SYNC_FREE`` (``sync_free``) and the three step functions with the signatures of this
     module's docstring."""
-    kind = torch.device(device).type
+    try:
+        return _by_device[device]
+    except (KeyError, TypeError):  # not asked yet, or an unhashable device spec
+        pass
+    mod = _backend_of_kind(torch.device(device).type)
+    try:
+        _by_device[device] = mod
+    except TypeError:
+        pass
+    return mod
+
+
+def _backend_of_kind(kind: str):
     if kind not in _loaded:
         name = _BACKEND_MODULES.get(kind)
         mod = None
@@ -133,3 +149,26 @@ def came_step_(w, g, **kw):
 def lomo_step_(w, g, **kw):
     """LOMO update of one parameter (see the module docstring)."""
     return _require(w).lomo_step_(w, g, **kw)
+
+
+# The host path's calls (the per-parameter path with a backend that is not ``sync_free``, i.e.
+# the C++ one): the same updates, answering with Python values ((ok, scale) as bool and float,
+# or ok as bool) instead of 0-d tensors the caller would read straight back. A backend without
+# ``*_host`` functions is answered through its tensor functions.
+def factored_step_host(w, g, **kw) -> tuple[bool, float]:
+    mod = _require(w)
+    if hasattr(mod, "factored_step_host"):
+        return mod.factored_step_host(w, g, **kw)
+    kw.pop("weight_row_sq", None), kw.pop("weight_row_sq_valid", None)  # the C++ backend's cache only
+    ok, scale = mod.factored_step_(w, g, **kw)
+    return bool(ok), float(scale)
+
+
+def came_step_host(w, g, **kw) -> bool:
+    mod = _require(w)
+    return mod.came_step_host(w, g, **kw) if hasattr(mod, "came_step_host") else bool(mod.came_step_(w, g, **kw))
+
+
+def lomo_step_host(w, g, **kw) -> bool:
+    mod = _require(w)
+    return mod.lomo_step_host(w, g, **kw) if hasattr(mod, "lomo_step_host") else bool(mod.lomo_step_(w, g, **kw))

@@ -30,6 +30,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 SYNC_FREE = False
 
 _lock = threading.Lock()
+#: How many factored steps found W changed since their last update and repaired it (tests read it).
+repairs = 0
 _module = None
 _failed: str | None = None
 
@@ -43,6 +45,8 @@ def build_name() -> str:
 def load():
     """The compiled module (building it if needed); raises RuntimeError when it cannot be built."""
     global _module, _failed
+    if _module is not None:  # the common case, asked once per parameter per step: no lock
+        return _module
     with _lock:
         if _module is not None:
             return _module
@@ -86,30 +90,57 @@ def _scalar(x) -> float:
     return float(x)
 
 
-def factored_step_(w, g, *, sq_row=None, sq_col=None, sq=None, exp_avg=None, beta2, eps1, eps2, step_size,
-                   clip_threshold, weight_decay=0.0, multiplicative_decay=False, scale_parameter=True, beta1=None):
-    undefined = torch.Tensor()
-    ok, scale = load().factored_step(
-        w, g, _or(sq_row, undefined), _or(sq_col, undefined), _or(sq, undefined), _or(exp_avg, undefined),
+def factored_step_host(w, g, *, sq_row=None, sq_col=None, sq=None, exp_avg=None, beta2, eps1, eps2, step_size,
+                       clip_threshold, weight_decay=0.0, multiplicative_decay=False, scale_parameter=True,
+                       beta1=None, weight_row_sq=None, weight_row_sq_valid=False) -> tuple[bool, float]:
+    """``factored_step_`` answering (ok, scale) as Python values (``memopt.kernels.factored_step_host``).
+
+    ``weight_row_sq``: a float tensor of one entry per row of every (m, n) matrix of ``w``
+    (``w.numel() // w.shape[-1]``), where the kernel keeps the row sums of squares of the W it
+    wrote; with ``weight_row_sq_valid`` (it holds those of the last update) the kernel
+    speculates from it and skips reading W in its first pass (cpu_kernels.cpp, factored_step:
+    checked on every row, repaired when W was written in between)."""
+    global repairs
+    ok, scale, repaired = load().factored_step(
+        w, g, _or(sq_row, _UNDEFINED), _or(sq_col, _UNDEFINED), _or(sq, _UNDEFINED), _or(exp_avg, _UNDEFINED),
         _scalar(beta2), float(eps1), float(eps2), _scalar(step_size), float(clip_threshold), float(weight_decay),
         bool(multiplicative_decay), bool(scale_parameter), 0.0 if beta1 is None else float(beta1), beta1 is not None,
+        _or(weight_row_sq, _UNDEFINED), bool(weight_row_sq_valid),
     )
+    if repaired:
+        repairs += 1
+    return ok, scale
+
+
+def factored_step_(w, g, **kw):
+    ok, scale = factored_step_host(w, g, **kw)
     return _ok(ok), torch.tensor(scale, dtype=torch.float32)
 
 
-def came_step_(w, g, *, exp_avg, sq_row=None, sq_col=None, res_row=None, res_col=None, sq=None, lr, beta1, beta2,
-               beta3, eps1, eps2, clip_threshold, weight_decay=0.0):
-    undefined = torch.Tensor()
-    ok = load().came_step(
-        w, g, exp_avg, _or(sq_row, undefined), _or(sq_col, undefined), _or(res_row, undefined),
-        _or(res_col, undefined), _or(sq, undefined), float(lr), float(beta1), float(beta2), float(beta3),
+def came_step_host(w, g, *, exp_avg, sq_row=None, sq_col=None, res_row=None, res_col=None, sq=None, lr, beta1,
+                   beta2, beta3, eps1, eps2, clip_threshold, weight_decay=0.0) -> bool:
+    return load().came_step(
+        w, g, exp_avg, _or(sq_row, _UNDEFINED), _or(sq_col, _UNDEFINED), _or(res_row, _UNDEFINED),
+        _or(res_col, _UNDEFINED), _or(sq, _UNDEFINED), float(lr), float(beta1), float(beta2), float(beta3),
         float(eps1), float(eps2), float(clip_threshold), float(weight_decay),
     )
-    return _ok(ok)
 
 
-def lomo_step_(w, g, *, lr, weight_decay=0.0):
-    return _ok(load().lomo_step(w, g, float(lr), float(weight_decay)))
+def came_step_(w, g, **kw):
+    return _ok(came_step_host(w, g, **kw))
+
+
+def lomo_step_host(w, g, *, lr, weight_decay=0.0) -> bool:
+    return load().lomo_step(w, g, float(lr), float(weight_decay))
+
+
+def lomo_step_(w, g, **kw):
+    return _ok(lomo_step_host(w, g, **kw))
+
+
+# The empty tensor passed for a state a call does not have (the C++ side reads no element of
+# it): one object, not a new one per call.
+_UNDEFINED = torch.Tensor()
 
 
 def _or(t, default):

@@ -146,22 +146,24 @@ idx check_pair(const torch::Tensor& w, const torch::Tensor& g) {
 // over threads), the total of the row sums (finiteness), and sum W^2 when w is given.
 struct Stats {
   std::vector<float> r_new;
+  std::vector<float> w_rows;  // each row's sum of W^2 (when W is read)
   std::vector<double> col, t;
-  double row_total = 0.0, w_sq = 0.0;
+  double row_total = 0.0;
 };
 
 void factored_pass1(const float* g, const float* w, const float* r_old, idx m, idx n, float beta,
                     float ob_over_n, float eps1_n, Stats& s) {
   const int nt = at::get_num_threads();
   s.r_new.assign(m, 0.0f);
+  s.w_rows.assign(w ? m : 0, 0.0f);
   std::vector<double> col_acc((size_t)nt * n, 0.0), t_acc((size_t)nt * n, 0.0);
-  std::vector<double> row_tot(nt, 0.0), w_tot(nt, 0.0);
+  std::vector<double> row_tot(nt, 0.0);
   float* r_new = s.r_new.data();
   at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
     const int tid = at::get_thread_num();
     double* cl = col_acc.data() + (size_t)tid * n;
     double* tl = t_acc.data() + (size_t)tid * n;
-    double rt = 0.0, wt = 0.0;
+    double rt = 0.0;
     std::vector<float> col_part(n, 0.0f), t_part(n, 0.0f);
     for (idx i = b; i < e; ++i) {
       const float* gi = g + i * n;
@@ -175,10 +177,9 @@ void factored_pass1(const float* g, const float* w, const float* r_old, idx m, i
         flush_cols(cl, col_part.data(), n);
         flush_cols(tl, t_part.data(), n);
       }
-      if (w) wt += (double)sum_sq(w + i * n, n);  // one row in float, rows in double
+      if (w) s.w_rows[i] = sum_sq(w + i * n, n);
     }
     row_tot[tid] += rt;
-    w_tot[tid] += wt;
   });
   s.col.assign(n, 0.0);
   s.t.assign(n, 0.0);
@@ -190,7 +191,6 @@ void factored_pass1(const float* g, const float* w, const float* r_old, idx m, i
       s.t[j] += tl[j];
     }
     s.row_total += row_tot[k];
-    s.w_sq += w_tot[k];
   }
 }
 
@@ -259,69 +259,169 @@ std::tuple<bool, double> dense_adafactor(float* w, const float* g, float* v, flo
   return {true, scale};
 }
 
+// Pass 2 of one row: decay, then w += (g*coef)*s_j, or M = b1*M + (g*coef)*s_j and w += neg_lr*M.
+void factored_update_row(float* wi, const float* gi, float* mi, const float* s, float coef, float decay, bool wd,
+                         bool mult, float b1, float neg_lr, idx n) {
+  if (wd) apply_decay(wi, n, decay, mult);
+  if (!mi)
+    factored_row(wi, gi, s, coef, n);
+  else
+    factored_row_momentum(wi, mi, gi, s, coef, b1, neg_lr, n);
+}
+
+// The inverse of factored_update_row given the same scalars (M already updated): W before the
+// update, up to one rounding per element (the repair below, after a wrong speculation).
+void undo_update_row(float* __restrict wi, const float* __restrict gi, const float* __restrict mi,
+                     const float* __restrict s, float coef, float decay, bool wd, bool mult, float neg_lr, idx n) {
+  if (!mi) {
+#pragma omp simd
+    for (idx j = 0; j < n; ++j) wi[j] = wi[j] - (gi[j] * coef) * s[j];
+  } else {
+#pragma omp simd
+    for (idx j = 0; j < n; ++j) wi[j] = wi[j] - neg_lr * mi[j];
+  }
+  if (wd) {
+    const float f = mult ? 1.0f - decay : 1.0f + (-decay);
+#pragma omp simd
+    for (idx j = 0; j < n; ++j) wi[j] = wi[j] / f;
+  }
+}
+
 }  // namespace
 
-// Adafactor / AdaLomo. Returns (ok, scale) with scale = max(eps2, RMS(W)) or 1.
-std::tuple<bool, double> factored_step(torch::Tensor w, torch::Tensor g, torch::Tensor sq_row, torch::Tensor sq_col,
-                                       torch::Tensor sq, torch::Tensor exp_avg, double beta2, double eps1,
-                                       double eps2, double step_size, double clip, double wd, bool mult,
-                                       bool scale_param, double beta1, bool has_beta1) {
+// Adafactor / AdaLomo. Returns (ok, scale, repaired) with scale = max(eps2, RMS(W)) or 1.
+//
+// RMS(W) (scale_parameter) needs sum W^2 before the first element of W may change, which is a
+// read of W in pass 1: a quarter of the step's reads. With ``w_row_sq`` (one float per row of
+// every matrix) the kernel keeps the rows' sums of squares of the W it wrote, and with
+// ``cache_valid`` it *speculates* that W is still what it wrote: lr_t comes from those sums and
+// pass 1 reads G only. Pass 2 reads every row of W anyway, so it checks the speculation there:
+// it recomputes each row's sum of squares (the same function on the same floats, so equal bit
+// for bit when the row is unchanged). Anything that wrote W in between (a checkpoint load
+// through .data, weight averaging, a user's edit) makes some row differ; then lr_t is recomputed
+// from the sums just measured and every row is repaired (the update undone and redone with the
+// right scalars; one extra rounding per element, ~1e-7 relative) and ``repaired`` is true. The
+// speculation is not made when the decay factor 1 - lr_t*wd is below 0.5 (the undo divides by it).
+std::tuple<bool, double, bool> factored_step(torch::Tensor w, torch::Tensor g, torch::Tensor sq_row,
+                                             torch::Tensor sq_col, torch::Tensor sq, torch::Tensor exp_avg,
+                                             double beta2, double eps1, double eps2, double step_size, double clip,
+                                             double wd, bool mult, bool scale_param, double beta1, bool has_beta1,
+                                             torch::Tensor w_row_sq, bool cache_valid) {
   const idx numel = check_pair(w, g);
-  if (numel == 0) return {true, scale_param ? eps2 : 1.0};
+  if (numel == 0) return {true, scale_param ? eps2 : 1.0, false};
   float* wp = w.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   float* mp = has_beta1 ? fptr(exp_avg) : nullptr;
   const float beta = (float)beta2, omb = (float)(1.0 - beta2);
   if (w.dim() < 2) {
     check_f32(sq, "sq");
-    return dense_adafactor(wp, gp, sq.data_ptr<float>(), mp, numel, beta, omb, (float)eps1, eps2, step_size, clip,
-                           wd, mult, scale_param, beta1);
+    auto [ok, scale] = dense_adafactor(wp, gp, sq.data_ptr<float>(), mp, numel, beta, omb, (float)eps1, eps2,
+                                       step_size, clip, wd, mult, scale_param, beta1);
+    return {ok, scale, false};
   }
   check_f32(sq_row, "sq_row");
   check_f32(sq_col, "sq_col");
   const idx n = w.size(-1), m = w.size(-2), batch = numel / (m * n);
+  // The row-sum cache: used only with scale_parameter and the right size.
+  float* cache = nullptr;
+  if (scale_param && w_row_sq.defined() && w_row_sq.numel() == batch * m) {
+    check_f32(w_row_sq, "w_row_sq");
+    cache = w_row_sq.data_ptr<float>();
+  }
+  bool speculate = cache != nullptr && cache_valid;
+  double w_sq = 0.0;
+  if (speculate) {
+    for (idx r = 0; r < batch * m; ++r) w_sq += (double)cache[r];
+    const double lr_s = step_size * py_max(eps2, std::sqrt(w_sq / (double)numel));
+    if (!std::isfinite(w_sq) || (wd != 0.0 && !(1.0 - lr_s * wd >= 0.5))) {
+      speculate = false;
+      w_sq = 0.0;
+    }
+  }
   std::vector<Stats> stats(batch);
-  double row_total = 0.0, w_sq = 0.0;
+  double row_total = 0.0;
   float* rp = sq_row.data_ptr<float>();
   float* cp = sq_col.data_ptr<float>();
+  const bool read_w = scale_param && !speculate;
   for (idx k = 0; k < batch; ++k) {
-    factored_pass1(gp + k * m * n, scale_param ? wp + k * m * n : nullptr, rp + k * m, m, n, beta,
+    factored_pass1(gp + k * m * n, read_w ? wp + k * m * n : nullptr, rp + k * m, m, n, beta,
                    (float)((1.0 - beta2) / (double)n), (float)(eps1 * (double)n), stats[k]);
     row_total += stats[k].row_total;
-    w_sq += stats[k].w_sq;
   }
-  if (!std::isfinite((float)row_total)) return {false, 1.0};
+  // sum W^2 = the rows' float sums added in row order in double: the order the speculation
+  // above adds its cached sums in, so both give the same bits for the same W (and any thread count).
+  if (read_w)
+    for (idx k = 0; k < batch; ++k)
+      for (float x : stats[k].w_rows) w_sq += (double)x;
+  if (!std::isfinite((float)row_total)) return {false, 1.0, false};
   double scale = 1.0;
   if (scale_param) scale = py_max(eps2, std::sqrt(w_sq / (double)numel));
-  const double lr_t = step_size * scale;
   std::vector<std::vector<float>> as(batch), ss(batch);
   double sum_u2 = 0.0;
   for (idx k = 0; k < batch; ++k)
     sum_u2 += commit_factors(stats[k], rp + k * m, cp + k * n, m, n, beta, omb, (float)eps1, as[k], ss[k]);
   const double div = py_max(1.0, std::sqrt((double)(float)sum_u2 / (double)numel) / clip);
-  const float decay = (float)(lr_t * wd);
-  // Without a first moment: w += (g * a_i*(-lr_t/div)) * s_j; with one: M = b1*M + U(1-b1)/div.
-  const float coef_scale = has_beta1 ? (float)((1.0 - beta1) / div) : (float)(-lr_t / div);
-  const float b1 = (float)beta1, neg_lr = (float)(-lr_t);
-  for (idx k = 0; k < batch; ++k) {
-    const float* a = as[k].data();
-    const float* s = ss[k].data();
-    float* wk = wp + k * m * n;
-    const float* gk = gp + k * m * n;
-    float* mk = mp ? mp + k * m * n : nullptr;
-    at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
-      for (idx i = b; i < e; ++i) {
-        float* wi = wk + i * n;
-        const float coef = a[i] * coef_scale;
-        if (wd != 0.0) apply_decay(wi, n, decay, mult);
-        if (!mk)
-          factored_row(wi, gk + i * n, s, coef, n);
+  // The per-step scalars of pass 2, from a scale (the speculated one, or the measured one).
+  struct Scalars {
+    float decay, coef_scale, neg_lr;
+  };
+  auto scalars_for = [&](double sc) {
+    const double lr_t = step_size * sc;
+    // Without a first moment: w += (g * a_i*(-lr_t/div)) * s_j; with one: M = b1*M + U(1-b1)/div.
+    return Scalars{(float)(lr_t * wd), has_beta1 ? (float)((1.0 - beta1) / div) : (float)(-lr_t / div),
+                   (float)(-lr_t)};
+  };
+  const Scalars sc = scalars_for(scale);
+  const float b1 = (float)beta1;
+  const bool decays = wd != 0.0;
+  const int nt = at::get_num_threads();
+  std::vector<float> old_sq(speculate ? batch * m : 0);
+  std::vector<char> differs(nt, 0);
+  // Every row of every matrix, rows split over threads: fn(row index, a_i, s, W row, G row, M row, thread).
+  auto for_each_row = [&](auto&& fn) {
+    for (idx k = 0; k < batch; ++k) {
+      const float* a = as[k].data();
+      const float* s = ss[k].data();
+      at::parallel_for(0, m, grain_rows(n), [&](idx b, idx e) {
+        const int tid = at::get_thread_num();
+        for (idx i = b; i < e; ++i) {
+          const idx r = k * m + i;
+          fn(r, a[i], s, wp + r * n, gp + r * n, mp ? mp + r * n : nullptr, tid);
+        }
+      });
+    }
+  };
+  for_each_row([&](idx r, float ai, const float* s, float* wi, const float* gi, float* mi, int tid) {
+    if (speculate) {
+      const float before = sum_sq(wi, n);  // brings the row into L1 for the update
+      old_sq[r] = before;
+      if (!(before == cache[r])) differs[tid] = 1;
+    }
+    factored_update_row(wi, gi, mi, s, ai * sc.coef_scale, sc.decay, decays, mult, b1, sc.neg_lr, n);
+    if (cache) cache[r] = sum_sq(wi, n);  // still in L1
+  });
+  bool repaired = false;
+  if (speculate && std::any_of(differs.begin(), differs.end(), [](char c) { return c != 0; })) {
+    double measured = 0.0;
+    for (float x : old_sq) measured += (double)x;
+    const double true_scale = py_max(eps2, std::sqrt(measured / (double)numel));
+    const Scalars tc = scalars_for(true_scale);
+    scale = true_scale;
+    if (tc.decay != sc.decay || tc.coef_scale != sc.coef_scale || tc.neg_lr != sc.neg_lr) {
+      repaired = true;
+      for_each_row([&](idx r, float ai, const float* s, float* wi, const float* gi, float* mi, int) {
+        undo_update_row(wi, gi, mi, s, ai * sc.coef_scale, sc.decay, decays, mult, sc.neg_lr, n);
+        // M is already this step's: the redo only writes W.
+        if (decays) apply_decay(wi, n, tc.decay, mult);
+        if (!mi)
+          factored_row(wi, gi, s, ai * tc.coef_scale, n);
         else
-          factored_row_momentum(wi, mk + i * n, gk + i * n, s, coef, b1, neg_lr, n);
-      }
-    });
+          axpy(wi, mi, tc.neg_lr, n);
+        cache[r] = sum_sq(wi, n);
+      });
+    }
   }
-  return {true, scale};
+  return {true, scale, repaired};
 }
 
 // CAME. Returns ok.

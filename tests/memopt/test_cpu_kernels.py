@@ -161,8 +161,8 @@ def test_defaults_pick_the_kernel_on_cpu_only_when_foreach_is_none():
 
 def test_default_optimizer_uses_the_kernel(monkeypatch):
     calls = []
-    real = kernels.factored_step_
-    monkeypatch.setattr(kernels, "factored_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.factored_step_host  # the per-parameter host path's call
+    monkeypatch.setattr(kernels, "factored_step_host", lambda *a, **k: calls.append(1) or real(*a, **k))
     p = torch.nn.Parameter(torch.randn(4, 6))
     p.grad = torch.randn(4, 6)
     memopt.Adafactor([p]).step()
