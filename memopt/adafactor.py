@@ -199,6 +199,10 @@ class FactoredSecondMoment(FusedKernelOptimizer):
         # fp32 copy (never the bits the kernel wrote), so every speculation would be repaired.
         if not (group["scale_parameter"] and p.dim() >= 2 and p.device.type == "cpu" and self.state.get(p) is state):
             return None
+        from .kernels import cpu  # loaded already: the C++ backend is what asks
+
+        if not cpu.SPECULATE_WEIGHT_NORM:
+            return None
         cache = self.__dict__.setdefault("_row_sq_cache", {})
         rows = p.numel() // p.shape[-1]
         entry = cache.get(id(state))

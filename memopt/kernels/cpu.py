@@ -30,6 +30,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 SYNC_FREE = False
 
 _lock = threading.Lock()
+#: Whether Adafactor/AdaLomo let the factored kernel take RMS(W) from the row sums it wrote last
+#: step (checked and repaired in pass 2). False makes pass 1 read W, as before: for measuring it.
+SPECULATE_WEIGHT_NORM = True
 #: How many factored steps found W changed since their last update and repaired it (tests read it).
 repairs = 0
 _module = None

@@ -159,7 +159,7 @@ def test_scalars_reach_metrics_file_tensorboard_and_an_offline_wandb_run(tmp_pat
 
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    history = _wandb_history(runs[0])
+    history = _wandb_history_when_written(runs[0], len(rows))
     assert [h["_step"] for h in history] == [1, 2, 3]
     for h, r in zip(history, rows):
         for key in SCALARS + ("loss",):
@@ -186,6 +186,21 @@ def _wandb_records(path: Path):
         if kind in (1, 4):
             yield pieces
             pieces = b""
+
+
+def _wandb_history_when_written(run_dir: Path, rows: int, timeout_s: float = 60.0) -> list[dict]:
+    """The run's history once it holds ``rows`` rows (or whatever is there after ``timeout_s``).
+    wandb's service process writes the .wandb log: in the full test session it was once found
+    with no history right after ``finish()`` returned (the test passes alone), so wait for the
+    writer instead of racing it."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history = _wandb_history(run_dir)
+        if len(history) >= rows or time.monotonic() > deadline:
+            return history
+        time.sleep(0.5)
 
 
 def _wandb_history(run_dir: Path) -> list[dict]:
