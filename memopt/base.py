@@ -482,9 +482,10 @@ class MemoptOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if group is None:
             group = self.group_of(p)
-        if not self._is_sharded(p) and resolve_foreach(group, p.device):
+        sharded = self._is_sharded(p)
+        if not sharded and resolve_foreach(group, p.device):
             return self._step_foreach([(p, grad, group)])[0]
-        if self._is_sharded(p):
+        if sharded:
             # A sharded parameter alone (fused backward): its phases' collectives run for it alone.
             units = self._units_for(p, grad, group)
             skips = sum(u.state["nonfinite_skips"] for u in units)

@@ -159,7 +159,9 @@ def factored_step_host(w, g, **kw) -> tuple[bool, float]:
     mod = _require(w)
     if hasattr(mod, "factored_step_host"):
         return mod.factored_step_host(w, g, **kw)
-    kw.pop("weight_row_sq", None), kw.pop("weight_row_sq_valid", None)  # the C++ backend's cache only
+    # The row-sum cache (weight_row_sq*) is the C++ backend's alone: others recompute RMS(W).
+    kw.pop("weight_row_sq", None)
+    kw.pop("weight_row_sq_valid", None)
     ok, scale = mod.factored_step_(w, g, **kw)
     return bool(ok), float(scale)
 
