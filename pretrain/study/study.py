@@ -141,14 +141,17 @@ def same_spec(old: dict, spec: dict) -> bool:
     roots = sorted({_spec_root(old), _spec_root(spec), str(ROOT)}, key=len, reverse=True)
 
     def portable(value):
+        if isinstance(value, list):  # where the run is written is not what it trains
+            value = [v for v in value if not (isinstance(v, str) and v.startswith("output_dir="))]
         text = json.dumps(value, sort_keys=True)
         for root in roots:
             text = text.replace(root, "<root>")
         return text
 
-    # keep_checkpoint, threads and the label do not change what is trained
+    # keep_checkpoint, threads and the label do not change what is trained; nor does output_dir
+    # (the result was found in it, and one sitting passes --work-dir relative, the next absolute)
     return all(portable(old.get(k)) == portable(v) for k, v in spec.items()
-               if k not in ("keep_checkpoint", "threads", "label"))
+               if k not in ("keep_checkpoint", "threads", "label", "output_dir"))
 
 
 def finished_result(spec: dict) -> dict | None:

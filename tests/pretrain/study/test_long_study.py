@@ -176,6 +176,11 @@ def test_a_run_made_in_another_checkout_is_still_reused(tmp_path):
     assert same_spec(dict(there, label="GaLore-AdamW r=96"), dict(here, label="GaLore-AdamW r=hidden/4"))
     assert not same_spec(dict(there, overrides=[there["overrides"][0], "train.steps=1000"]), here)
     assert not same_spec(dict(there, lr=3e-3), here)
+    # --work-dir runs/long_study in one sitting, /abs/path/runs/long_study in the next
+    relative = dict(here, output_dir="runs/gpt_s/x", overrides=["output_dir=runs/gpt_s/x", *here["overrides"]])
+    absolute = dict(here, overrides=[f"output_dir={here['output_dir']}", *here["overrides"]])
+    assert same_spec(relative, absolute)
+    assert not same_spec(dict(relative, overrides=[*relative["overrides"][:2], "train.steps=1000"]), absolute)
 
 
 class LoggingStub(Stub):
