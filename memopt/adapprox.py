@@ -37,7 +37,7 @@ from .adapprox_ops import (  # noqa: F401  (sketch_seed, VHAT_FLOORS: part of th
     uhat_,
 )
 from .lowrank import (answer_requests, next_rank, project_steps, relative_error, residual_norms_, s_rsi_steps,
-                      second_moment_operator)
+                      second_moment_operator, worst_error)
 
 
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -530,6 +530,33 @@ class Adapprox(MemoptOptimizer):
             return self._update_matrix(p, grad, state, group, step)
         return self._update_vector(p, grad, state, group, step)
 
+    def _projected_update(self, p, g, state, group, step, kern) -> bool:
+        """A step between sketches on the CPU kernels, with no m x n buffer: Q is kept and
+        U_t^T = (1-beta2) Q^T (G*G) + beta2 (Q^T Q) U_{t-1}^T, the projection ``project_steps``
+        asks for (V_t^T Q) written out through its two parts; Vhat = Q U_t^T is formed per row
+        block where Uhat is written (kernels/cpu_adapprox.cpp, lowrank_*), so neither G*G nor
+        Vhat passes through the buffer."""
+        B, m, n = g.shape
+        beta2 = group["betas"][1]
+        k = state["Q"].shape[-1]
+        q = state["Q"].reshape(B, m, k).contiguous()  # a QR's Q may be column-major
+        u_prev = state["U"].view(B, n, k)
+        g2_sum, ut = kern.lowrank_gram(g, q)
+        if not math.isfinite(g2_sum) or g2_sum > _FLT_MAX:
+            return False
+        ut.mul_(1.0 - beta2)
+        if beta2 != 0.0:
+            ut.baddbmm_(q.mT @ q, u_prev.mT, alpha=beta2)
+        c2, eps, step_size = corrections(group, step)
+        uhat = self._workspace(g.shape)
+        u_sq = kern.lowrank_uhat_sumsq_(g, q, ut, uhat, group, eps)
+        if not math.isfinite(u_sq):
+            return False
+        state["U"] = ut.mT.contiguous().view(*p.shape[:-2], n, k)
+        u_scale = clip_scale(c2, math.sqrt(u_sq / p.numel()), group)
+        kern.apply_update_(p, uhat.view(p.shape), first_moment(p, state, group), u_scale, group, step_size)
+        return True
+
     def _update_vector(self, p, grad, state, group, step):
         beta2 = group["betas"][1]
         g2 = grad * grad
@@ -552,6 +579,8 @@ class Adapprox(MemoptOptimizer):
         # The one m x n buffer of the step: G*G for the sketch, then V and the residual, then
         # Vhat and Uhat. ``kern``: the fused C++ element-wise passes, or None for torch ops.
         kern = cpu_kernels_for(group, p, g)
+        if kern and kern.LOWRANK_PASSES and not self._resketches(state["Q"].shape[-1], group, step):
+            return self._projected_update(p, g, state, group, step, kern)
         buf = self._workspace(g.shape) if kern else torch.empty(g.shape, dtype=torch.float32, device=g.device)
         g2_sum = kern.square_sum(g, buf) if kern else float(torch.mul(g, g, out=buf).sum())
         # > FLT_MAX: the kernel sums in double, where a float sum would have overflowed.
@@ -573,15 +602,22 @@ class Adapprox(MemoptOptimizer):
         # -- error (sketch steps only), then Vhat and Uhat, all in the scratch buffer ---------
         c2, eps, step_size = corrections(group, step)
         error = 0.0
-        if fresh:
-            v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
-            # AS-RSI. A stack's error is that of its worst matrix.
-            error = float(relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max())
-        uhat = torch.bmm(q, u.mT, out=buf)
-        if kern:
-            u_sq = kern.uhat_sumsq_(uhat, g, group, eps)
+        if kern and fresh and kern.LOWRANK_PASSES:
+            # V, the residual and Vhat formed per row block in one pass over G (kernels/
+            # cpu_adapprox.cpp, lowrank_sketch_uhat); Uhat overwrites the buffer's G*G.
+            uhat = buf
+            u_sq, v2, r2 = kern.lowrank_sketch_uhat_(g, q, u, q_prev, u_prev, uhat, group, eps, scale=g2_mean)
+            error = worst_error(v2, r2)
         else:
-            u_sq = float(torch.linalg.vector_norm(uhat_(uhat, g, group, eps)).double().square())
+            if fresh:
+                v_norm, r_norm = residual_norms_(buf, q_prev, u_prev, q, u, beta2, scale=g2_mean)
+                # AS-RSI. A stack's error is that of its worst matrix.
+                error = float(relative_error(v_norm.unsqueeze(-1), r_norm.unsqueeze(-1)).max())
+            uhat = torch.bmm(q, u.mT, out=buf)
+            if kern:
+                u_sq = kern.uhat_sumsq_(uhat, g, group, eps)
+            else:
+                u_sq = float(torch.linalg.vector_norm(uhat_(uhat, g, group, eps)).double().square())
         # The last guard before the state changes: an overflow inside the products or the
         # update shows up here as inf/nan.
         if not (math.isfinite(error) and math.isfinite(u_sq)):

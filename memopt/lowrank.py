@@ -26,6 +26,7 @@ iteration as a generator of product requests, so one process and a sharded run s
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Generator
 
 import torch
@@ -196,6 +197,13 @@ def relative_error(v_norms: torch.Tensor, r_norms: torch.Tensor) -> torch.Tensor
     v2 = v_norms.double().square().sum(-1)
     r2 = r_norms.double().square().sum(-1)
     return torch.where(v2 == 0, 0.0, (r2 / v2).sqrt())
+
+
+def worst_error(v2: list[float], r2: list[float]) -> float:
+    """``relative_error`` of a stack from its matrices' squared norms (as Python floats): the
+    worst matrix's sqrt(r2 / v2), 0 for an all-zero V, nan when any norm is not finite."""
+    errors = [0.0 if v == 0 else math.sqrt(r / v) if math.isfinite(r / v) else math.nan for v, r in zip(v2, r2)]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors, default=0.0)
 
 
 def next_rank(k: int, error: float, xi: float, dk: int, k_min: int, k_max: int) -> int:

@@ -12,6 +12,10 @@ factorization (steps 2-10, then every 5th). Also the training loss at the end (m
 Step time: GPT-2 124M shapes, fp32, one fixed random gradient per parameter, torch
 AdamW(fused=True) and Adapprox at each K interleaved round by round in one process; the mean of
 the timed steps, over a whole number of K-step cycles, because sketch and projection steps differ.
+Adapprox runs its torch ops (fused=False) at every K and, where the C++ kernels build, its fused
+kernels at K = 1 and 8 both ways: with V, the residual and Vhat formed per row block inside the
+kernels (the default, ``memopt.kernels.cpu_adapprox.LOWRANK_PASSES``) and with them taken from
+torch GEMMs through the m x n buffer (the path before).
 
     python tools/bench_adapprox_resketch.py --out docs/benchmarks
     python tools/bench_adapprox_resketch.py --part accuracy --steps 50 --out /tmp/r   # quick
@@ -31,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from memopt.adapprox import Adapprox  # noqa: E402
+from memopt.kernels import cpu_adapprox  # noqa: E402
 
 KS = (1, 2, 4, 8)
 
@@ -89,22 +94,33 @@ def step_time(steps: int, warmup: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).mul_(1e-3) for s in shapes]
     init = [torch.randn(s, generator=gen).mul_(0.02) for s in shapes]
-    cases = {"torch AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}
+    # label -> (build, cpu_adapprox.LOWRANK_PASSES for its steps, or None: not a kernel case)
+    cases = {"torch AdamW(fused=True)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None)}
     for k in KS:
-        cases[f"Adapprox resketch_every={k}"] = lambda ps, k=k: Adapprox(ps, resketch_every=k, foreach=False)
+        cases[f"Adapprox resketch_every={k}, torch ops"] = (
+            lambda ps, k=k: Adapprox(ps, resketch_every=k, fused=False), None)
+    if cpu_adapprox.ready():
+        for k in (1, max(KS)):
+            for on in (False, True):
+                how = "V, residual and Vhat per row block" if on else "GEMMs through the buffer"
+                cases[f"Adapprox resketch_every={k}, fused kernels, {how}"] = (
+                    lambda ps, k=k: Adapprox(ps, resketch_every=k, fused=True), on)
     steppers = []
-    for make in cases.values():
+    for make, _ in cases.values():
         params = [torch.nn.Parameter(t.clone()) for t in init]
         for p, g in zip(params, grads):
             p.grad = g
         steppers.append(make(params))
     times = [[] for _ in cases]
     for rnd in range(warmup + steps):
-        for i, opt in enumerate(steppers):
+        for i, (opt, (_, lowrank)) in enumerate(zip(steppers, cases.values())):
+            if lowrank is not None:
+                cpu_adapprox.LOWRANK_PASSES = lowrank
             t0 = time.perf_counter()
             opt.step()
             if rnd >= warmup:
                 times[i].append((time.perf_counter() - t0) * 1e3)
+    cpu_adapprox.LOWRANK_PASSES = True
     base = statistics.fmean(times[0])
     return [dict(case=label, mean_ms=statistics.fmean(ts), x_adamw_fused=statistics.fmean(ts) / base,
                  all_ms=[round(t) for t in ts]) for label, ts in zip(cases, times)]

@@ -297,13 +297,15 @@ def check(report: dict) -> list[str]:
 
 # Bytes per parameter a step of each algorithm must move at least (fp32): the floor case reads G
 # and reads+writes W (12). AdamW also reads+writes M and V (28). A factored step needs the whole
-# matrix's row and column sums before W moves, so it reads G twice and W twice (RMS(W), update):
-# 20. CAME adds M read+write in its second pass and M read in its third: 28. LOMO is the floor.
+# matrix's row and column sums before W moves, so it reads G twice; RMS(W) can come from the row
+# sums of W^2 taken while the last step wrote W (memopt's fused kernel speculates so and checks
+# it while updating), so W is read and written once: 16. CAME adds M read+write in its second
+# pass and M read in its third: 28. LOMO is the floor.
 # Adapprox: U = V^T Q needs all of G*G before any Vhat is known, and the RMS clip all of Uhat
 # before M moves, so G is read three times (U, RMS, update; Q U^T recomputed, never stored) and M,
-# W read and written once: 28. (memopt's step between sketches moves 48: G*G and Q U^T go through
-# an m x n buffer for the GEMMs.)
-BYTES_PER_PARAM = {"floor": 12, "adamw": 28, "adafactor": 20, "adalomo": 20, "came": 28, "lomo": 12, "adapprox": 28}
+# W read and written once: 28. (memopt's step between sketches moves 32: Uhat goes through an
+# m x n buffer instead of being formed twice; a sketch step adds its products' reads of G*G.)
+BYTES_PER_PARAM = {"floor": 12, "adamw": 28, "adafactor": 16, "adalomo": 16, "came": 28, "lomo": 12, "adapprox": 28}
 
 # Issue 16 part 4: a memopt step's time at most this multiple of torch AdamW(fused)'s.
 TARGET_X_ADAMW_FUSED = {"adafactor": 1.0, "adalomo": 1.0, "came": 1.5, "lomo": 1.0, "adapprox": 3.0}

@@ -1,10 +1,18 @@
 // Adapprox's element-wise passes on CPU (memopt/kernels/cpu_adapprox.py builds and calls this file;
-// memopt/adapprox.py is the one caller). The GEMMs of a step (the products with V, Q U^T) stay
-// in torch (MKL): only the passes between them are fused here, so Q U^T is bit for bit the torch
-// path's and each kernel replaces a chain of torch ops over the m x n matrix:
+// memopt/adapprox.py is the one caller). On a sketch step the GEMMs (the products with V, Q U^T)
+// stay in torch (MKL): only the passes between them are fused here, so Q U^T is bit for bit the
+// torch path's and each kernel replaces a chain of torch ops over the m x n matrix:
 //   square_sum:   S = G*G and sum(S)                                    (2 ops -> 1 pass)
 //   uhat_sumsq:   Uhat = G / (sqrt(max(Q U^T, c G*G)) + eps), sum Uhat^2 (7 ops -> 1 pass)
 //   apply_update: M = b1*M + a*Uhat, W = d*W - lr*M                     (4 ops -> 1 pass)
+// A projection step (resketch_every > 1, between sketches) needs neither G*G nor a GEMM through
+// the buffer: with Q kept, U_t^T = (1-beta2) Q^T (G*G) + beta2 (Q^T Q) U_{t-1}^T, and Vhat = Q U_t^T
+// is a dot product of length k per element, formed where Uhat is written (the lowrank_* kernels):
+//   lowrank_gram:        Z = Q^T (G*G) and sum G*G, G read once        (square + GEMM -> 1 pass)
+//   lowrank_uhat_sumsq:  Uhat and sum Uhat^2, Vhat formed in registers (GEMM + 7 ops -> 1 pass)
+// then apply_update as on a sketch step: about 32 bytes per parameter instead of ~48 plus two
+// GEMMs through the buffer. Their sums of k products run in another order than MKL's, so a
+// projection step agrees with the torch path to float round-off, not bit for bit.
 // Every per-element expression follows the order of memopt/adapprox_ops.py (uhat_, apply_update),
 // and the file is built with -ffp-contract=off so no multiply-add is fused behind our back
 // (-fno-math-errno only lets sqrt vectorise: a negative argument still gives nan); the
@@ -19,6 +27,8 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -124,6 +134,168 @@ double parallel_block_sum(idx numel, F block) {
   return total;
 }
 
+
+// -- projection steps: Vhat = Q U^T formed per row block in registers --------------------------
+// The products of k terms per element are written with GCC/Clang vector types: the
+// auto-vectoriser did not keep the accumulators of the loop over k in registers (0.6 G elements
+// per second per core; these run 2-3x that), and multiply-adds are fused here (fp-contract=fast
+// for these functions only: a projection step is not bit for bit the torch path's anyway).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+// Rows handled together: a block of rows shares every vector of U^T (or of Z) it loads, which
+// comes from L2 (k x n floats: 48 KiB at k = 16, n = 768): per row, that traffic alone cost more
+// than the arithmetic.
+constexpr idx kBlockRows = 4;
+// Z is accumulated in float over this many rows, then added to a double total.
+constexpr idx kGramFlush = 64;
+
+// vh[r * ld + j0 + l] = sum_kk qv[r * k + kk] * ut[kk * n + j0 + l] for the block's nr <= 4 rows
+// and 32 columns (qv is 0 for rows past nr, which are not stored).
+void vhat_block32(const float* __restrict qv, const float* __restrict ut, idx n, idx k, idx j0, idx nr,
+                  float* __restrict vh, idx ld) {
+  v16 a[kBlockRows][2] = {};
+  for (idx kk = 0; kk < k; ++kk) {
+    const v16 u0 = load16(ut + kk * n + j0), u1 = load16(ut + kk * n + j0 + 16);
+    for (idx r = 0; r < kBlockRows; ++r) {
+      const float q = qv[r * k + kk];
+      a[r][0] += q * u0;
+      a[r][1] += q * u1;
+    }
+  }
+  for (idx r = 0; r < nr; ++r) {
+    store16(vh + r * ld + j0, a[r][0]);
+    store16(vh + r * ld + j0 + 16, a[r][1]);
+  }
+}
+
+// Z[kk][j0 .. j0+16) += sum_r qv[r * k + kk] * g[r][..]^2 over the block's rows (q = 0 for rows
+// past nr); returns the 16 columns' sum of g^2.
+float gram16(const float* __restrict g, idx n, idx nr, const float* __restrict qv, idx k, float* __restrict z, idx j0) {
+  v16 sq[kBlockRows];
+  for (idx r = 0; r < kBlockRows; ++r) {
+    const v16 x = load16(g + (r < nr ? r : 0) * n + j0);
+    sq[r] = r < nr ? x * x : (v16){};
+  }
+  const v16 t = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+  float total = 0.0f;
+  for (int l = 0; l < 16; ++l) total += t[l];
+  for (idx kk = 0; kk < k; ++kk) {
+    float* zr = z + kk * n + j0;
+    v16 acc = load16(zr);
+    for (idx r = 0; r < kBlockRows; ++r) acc += qv[r * k + kk] * sq[r];
+    store16(zr, acc);
+  }
+  return total;
+}
+#pragma GCC pop_options
+
+// Z[kk][j] += sum_r q[r][kk] * g[r][j]^2 over one block of nr <= 4 rows; returns its sum of g^2.
+float gram_block(const float* __restrict g, const float* __restrict q, float* __restrict z, idx nr, idx n, idx k) {
+  float qv[kBlockRows * 64];  // k <= 64
+  for (idx r = 0; r < kBlockRows; ++r)
+    for (idx kk = 0; kk < k; ++kk) qv[r * k + kk] = r < nr ? q[r * k + kk] : 0.0f;
+  float total = 0.0f;
+  idx j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) total += gram16(g, n, nr, qv, k, z, j0);
+  for (; j0 < n; ++j0)  // the last n % 16 columns
+    for (idx r = 0; r < nr; ++r) {
+      const float x = g[r * n + j0] * g[r * n + j0];
+      total += x;
+      for (idx kk = 0; kk < k; ++kk) z[kk * n + j0] += qv[r * k + kk] * x;
+    }
+  return total;
+}
+
+// The block's q rows (k <= 64 entries each), zero past the nr rows it has.
+void block_q(const float* __restrict q, idx nr, idx k, float* __restrict qv) {
+  for (idx r = 0; r < kBlockRows; ++r)
+    for (idx kk = 0; kk < k; ++kk) qv[r * k + kk] = r < nr ? q[r * k + kk] : 0.0f;
+}
+
+// out[r * n + j] = sum_kk q[r * k + kk] * ut[kk * n + j] for a block's nr <= 4 rows (q: their
+// rows of Q, k <= 64; ut = U^T, k x n).
+void product_rows(const float* q, const float* ut, idx nr, idx n, idx k, float* out) {
+  float qv[kBlockRows * 64];
+  block_q(q, nr, k, qv);
+  idx j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) vhat_block32(qv, ut, n, k, j0, nr, out, n);
+  for (idx r = 0; r < nr; ++r)  // the last n % 32 columns
+    for (idx j = j0; j < n; ++j) {
+      float a = 0.0f;
+      for (idx kk = 0; kk < k; ++kk) a += qv[r * k + kk] * ut[kk * n + j];
+      out[r * n + j] = a;
+    }
+}
+
+// Vhat (in u) -> Uhat in place for nr rows, floored as uhat_block / uhat_zero_floor_block (the
+// same element-wise code); returns sum Uhat^2.
+float uhat_rows(float* u, const float* g, idx nr, idx n, float c, float eps, bool zero_floor) {
+  float s = 0.0f;
+  for (idx r = 0; r < nr; ++r)
+    s += zero_floor ? uhat_zero_floor_block(u + r * n, g + r * n, n, eps) : uhat_block(u + r * n, g + r * n, n, c, eps);
+  return s;
+}
+
+// One row's squared norms of V / scale and of (V - Vhat) / scale, V = (1-beta2) G*G + beta2 vp
+// (vp: the row of Q_prev U_prev^T), as lowrank.residual_norms_ forms them.
+void residual_row(const float* __restrict vh, const float* __restrict vp, const float* __restrict g, idx n, float omb,
+                  float b2, float inv_s, double& v2, double& r2) {
+  for (idx lo = 0; lo < n; lo += kBlock) {
+    const idx hi = std::min(lo + kBlock, n);
+    float sv = 0.0f, sr = 0.0f;
+#pragma omp simd reduction(+ : sv, sr)
+    for (idx j = lo; j < hi; ++j) {
+      const float x = (g[j] * g[j] * omb + vp[j] * b2) * inv_s;
+      const float y = x - vh[j] * inv_s;
+      sv += x * x;
+      sr += y * y;
+    }
+    v2 += (double)sv;
+    r2 += (double)sr;
+  }
+}
+
+struct LowRank {
+  idx B, m, n, k;
+};
+
+// g (B, m, n) with q (B, m, k) and ut (B, k, n): the shapes, checked.
+LowRank lowrank_shapes(const torch::Tensor& g, const torch::Tensor& q, const torch::Tensor* ut) {
+  check_f32(g, "g");
+  check_f32(q, "q");
+  TORCH_CHECK(g.dim() == 3 && q.dim() == 3 && q.size(0) == g.size(0) && q.size(1) == g.size(1),
+              "memopt adapprox kernel: g must be (B, m, n) and q (B, m, k)");
+  const LowRank s{g.size(0), g.size(1), g.size(2), q.size(2)};
+  TORCH_CHECK(s.k >= 1 && s.k <= 64, "memopt adapprox kernel: the rank must be in [1, 64], got ", s.k);
+  if (ut) {
+    check_f32(*ut, "ut");
+    TORCH_CHECK(ut->dim() == 3 && ut->size(0) == s.B && ut->size(1) == s.k && ut->size(2) == s.n,
+                "memopt adapprox kernel: ut must be (B, k, n)");
+  }
+  return s;
+}
+
+// Rows per task: enough work per thread that the fork/join cost is noise.
+idx row_grain(idx n) { return std::max<idx>(1, kGrain / std::max<idx>(n, 1)); }
+
+
+// acc += part (double), part = 0.
+void flush_part(double* __restrict acc, float* __restrict part, idx n) {
+#pragma omp simd
+  for (idx j = 0; j < n; ++j) {
+    acc[j] += (double)part[j];
+    part[j] = 0.0f;
+  }
+}
+
 }  // namespace
 
 // out = g*g; returns sum(out) in double (inf/nan when g holds one, or when a square overflows).
@@ -166,7 +338,140 @@ void apply_update(torch::Tensor w, torch::Tensor uhat, torch::Tensor exp_avg, bo
   });
 }
 
+// (sum G*G in double, Z = Q^T (G*G) as (B, k, n)): the G*G products of a projection step, G read once.
+std::tuple<double, torch::Tensor> lowrank_gram(torch::Tensor g, torch::Tensor q) {
+  const LowRank s = lowrank_shapes(g, q, nullptr);
+  const int nt = at::get_num_threads();
+  auto z = torch::empty({s.B, s.k, s.n}, g.options());
+  std::vector<double> zacc((size_t)nt * s.k * s.n), tot(nt);
+  const float* gp = g.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  for (idx b = 0; b < s.B; ++b) {
+    std::fill(zacc.begin(), zacc.end(), 0.0);
+    const float* gb = gp + b * s.m * s.n;
+    const float* qb = qp + b * s.m * s.k;
+    at::parallel_for(0, s.m, row_grain(s.n), [&](idx lo, idx hi) {
+      const int tid = at::get_thread_num();
+      double* za = zacc.data() + (size_t)tid * s.k * s.n;
+      std::vector<float> part((size_t)s.k * s.n, 0.0f);
+      double t = 0.0;
+      for (idx i = lo; i < hi; i += kBlockRows) {
+        const idx nr = std::min(kBlockRows, hi - i);
+        t += (double)gram_block(gb + i * s.n, qb + i * s.k, part.data(), nr, s.n, s.k);
+        if ((i - lo) % kGramFlush == kGramFlush - kBlockRows || i + nr >= hi) flush_part(za, part.data(), s.k * s.n);
+      }
+      tot[tid] += t;
+    });
+    float* zb = zp + b * s.k * s.n;
+    for (idx x = 0; x < s.k * s.n; ++x) {
+      double acc = 0.0;
+      for (int t = 0; t < nt; ++t) acc += zacc[(size_t)t * s.k * s.n + x];
+      zb[x] = (float)acc;
+    }
+  }
+  double total = 0.0;
+  for (double x : tot) total += x;
+  return {total, z};
+}
+
+// out = Uhat for Vhat = Q U^T (ut = U^T, (B, k, n)), floored as uhat_sumsq; returns sum Uhat^2
+// (double). Vhat is formed 64 columns at a time and never stored: out is written once.
+double lowrank_uhat_sumsq(torch::Tensor g, torch::Tensor q, torch::Tensor ut, torch::Tensor out, double floor_c,
+                          double eps) {
+  const LowRank s = lowrank_shapes(g, q, &ut);
+  check_same(g, out, "out");
+  const float* gp = g.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* up = ut.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float c = (float)floor_c, fe = (float)eps;
+  const bool zero = floor_c < 0.0;
+  std::vector<double> part(at::get_num_threads(), 0.0);
+  for (idx b = 0; b < s.B; ++b) {  // a block of rows shares one matrix's U^T
+    const idx first = b * s.m;
+    const float* ub = up + b * s.k * s.n;
+    at::parallel_for(0, s.m, std::max<idx>(kBlockRows, row_grain(s.n)), [&](idx lo, idx hi) {
+      double t = 0.0;
+      for (idx i = lo; i < hi; i += kBlockRows) {
+        const idx r = first + i;
+        const idx nr = std::min(kBlockRows, hi - i);
+        product_rows(qp + r * s.k, ub, nr, s.n, s.k, op + r * s.n);
+        t += (double)uhat_rows(op + r * s.n, gp + r * s.n, nr, s.n, c, fe, zero);
+      }
+      part[at::get_thread_num()] += t;
+    });
+  }
+  double total = 0.0;
+  for (double x : part) total += x;
+  return total;
+}
+
+// A sketch step's passes after S-RSI in one: out = Uhat for Vhat = Q U^T (floored as uhat_sumsq)
+// and, for AS-RSI's error, each matrix's squared norms of V / scale and (V - Vhat) / scale with
+// V = (1-beta2) G*G + beta2 Q_prev U_prev^T (lowrank.residual_norms_), V formed per row block and
+// never stored. q_prev may have 0 columns (no history). Returns (sum Uhat^2, [|V|^2], [|R|^2]).
+std::tuple<double, std::vector<double>, std::vector<double>> lowrank_sketch_uhat(
+    torch::Tensor g, torch::Tensor q, torch::Tensor ut, torch::Tensor q_prev, torch::Tensor ut_prev, torch::Tensor out,
+    double beta2, double scale, double floor_c, double eps) {
+  const LowRank s = lowrank_shapes(g, q, &ut);
+  check_same(g, out, "out");
+  check_f32(q_prev, "q_prev");
+  const idx kp = q_prev.dim() == 3 ? q_prev.size(2) : -1;
+  TORCH_CHECK(kp >= 0 && kp <= 64 && q_prev.size(0) == s.B && q_prev.size(1) == s.m,
+              "memopt adapprox kernel: q_prev must be (B, m, k') with k' <= 64");
+  const bool history = kp > 0 && beta2 != 0.0;
+  if (history) {
+    check_f32(ut_prev, "ut_prev");
+    TORCH_CHECK(ut_prev.dim() == 3 && ut_prev.size(0) == s.B && ut_prev.size(1) == kp && ut_prev.size(2) == s.n,
+                "memopt adapprox kernel: ut_prev must be (B, k', n)");
+  }
+  const float* gp = g.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* up = ut.data_ptr<float>();
+  const float* qpp = history ? q_prev.data_ptr<float>() : nullptr;
+  const float* upp = history ? ut_prev.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float c = (float)floor_c, fe = (float)eps, omb = (float)(1.0 - beta2), b2 = (float)beta2,
+              inv_s = (float)(1.0 / scale);
+  const bool zero = floor_c < 0.0;
+  const int nt = at::get_num_threads();
+  std::vector<double> part(nt, 0.0), v2s(s.B), r2s(s.B);
+  for (idx b = 0; b < s.B; ++b) {
+    const idx first = b * s.m;
+    const float* ub = up + b * s.k * s.n;
+    const float* upb = history ? upp + b * kp * s.n : nullptr;
+    std::vector<double> v2(nt, 0.0), r2(nt, 0.0);
+    at::parallel_for(0, s.m, std::max<idx>(kBlockRows, row_grain(s.n)), [&](idx lo, idx hi) {
+      const int tid = at::get_thread_num();
+      std::vector<float> vp((size_t)kBlockRows * s.n, 0.0f);
+      double t = 0.0;
+      for (idx i = lo; i < hi; i += kBlockRows) {
+        const idx r = first + i, nr = std::min(kBlockRows, hi - i);
+        float* u = op + r * s.n;
+        const float* gr = gp + r * s.n;
+        product_rows(qp + r * s.k, ub, nr, s.n, s.k, u);
+        if (history) product_rows(qpp + r * kp, upb, nr, s.n, kp, vp.data());
+        for (idx rr = 0; rr < nr; ++rr)
+          residual_row(u + rr * s.n, vp.data() + rr * s.n, gr + rr * s.n, s.n, omb, b2, inv_s, v2[tid], r2[tid]);
+        t += (double)uhat_rows(u, gr, nr, s.n, c, fe, zero);
+      }
+      part[tid] += t;
+    });
+    for (int t = 0; t < nt; ++t) {
+      v2s[b] += v2[t];
+      r2s[b] += r2[t];
+    }
+  }
+  double total = 0.0;
+  for (double x : part) total += x;
+  return {total, v2s, r2s};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("lowrank_sketch_uhat", &lowrank_sketch_uhat, "Uhat, sum Uhat^2 and the residual norms of a sketch step");
+  mod.def("lowrank_gram", &lowrank_gram, "(sum G*G, Q^T (G*G)) of a projection step, G read once");
+  mod.def("lowrank_uhat_sumsq", &lowrank_uhat_sumsq, "Uhat (and sum Uhat^2) with Vhat = Q U^T formed per row block");
   mod.def("square_sum", &square_sum, "out = g*g; sum(out) in double");
   mod.def("uhat_sumsq", &uhat_sumsq, "Uhat in place over Q U^T; sum Uhat^2 in double");
   mod.def("apply_update", &apply_update, "first moment, weight decay and the step in one pass");

@@ -24,6 +24,12 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_adapprox.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 
+#: Whether Adapprox forms V, the residual and Vhat = Q U^T per row block inside the kernels'
+#: passes (the ``lowrank_*`` kernels: a projection step then needs no GEMM through the m x n
+#: buffer, a sketch step two fewer), or takes them from torch GEMMs through the buffer (False:
+#: the path before them, for measuring it).
+LOWRANK_PASSES = True
+
 _lock = threading.Lock()
 _state: dict = {}  # "module" once built, or "error" (a one-line reason) once it failed
 
@@ -68,18 +74,52 @@ def square_sum(g: torch.Tensor, out: torch.Tensor) -> float:
 def uhat_sumsq_(vhat: torch.Tensor, g: torch.Tensor, group: dict, eps: float) -> float:
     """``memopt.adapprox_ops.uhat_`` in one pass: ``vhat`` (Q U^T) becomes Uhat in place.
     Returns sum Uhat^2 (double accumulation), which the torch path takes as a separate norm."""
-    floor_c = 1.0 - group["betas"][1] if group["vhat_floor"] == "grad" else -1.0
-    return _state["module"].uhat_sumsq(vhat, g, floor_c, float(eps))
+    return _state["module"].uhat_sumsq(vhat, g, _floor_c(group), float(eps))
 
 
 def apply_update_(w: torch.Tensor, uhat: torch.Tensor, exp_avg: torch.Tensor | None, u_scale: float, group: dict,
                   step_size: float) -> None:
     """``memopt.adapprox_ops.apply_update`` (steps 6-7) in one pass over W, Uhat and M."""
-    beta1 = group["betas"][0]
-    decay = 1.0 - group["lr"] * group["weight_decay"]
-    if exp_avg is None:
-        m_scale, w_scale = 0.0, -group["lr"] * u_scale
-    else:
-        m_scale, w_scale = (1.0 - beta1) * u_scale, -step_size
+    decay, beta1, m_scale, w_scale = _update_scalars(exp_avg is not None, u_scale, group, step_size)
     has_m = exp_avg is not None
     _state["module"].apply_update(w, uhat, exp_avg if has_m else uhat, has_m, decay, beta1, m_scale, w_scale)
+
+
+def _update_scalars(has_m: bool, u_scale: float, group: dict, step_size: float) -> tuple[float, float, float, float]:
+    """(decay, beta1, m_scale, w_scale) of ``adapprox_ops.apply_update``: W = decay*W, then
+    M = beta1*M + m_scale*Uhat, W += w_scale*M (or W += w_scale*Uhat without M)."""
+    beta1 = group["betas"][0]
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    if not has_m:
+        return decay, beta1, 0.0, -group["lr"] * u_scale
+    return decay, beta1, (1.0 - beta1) * u_scale, -step_size
+
+
+# -- projection steps (resketch_every > 1, between sketches): no m x n buffer -------------------
+def lowrank_gram(g: torch.Tensor, q: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(sum G*G, Z = Q^T (G*G)) for g (B, m, n), q (B, m, k): Z is (B, k, n), G read once."""
+    return _state["module"].lowrank_gram(g, q)
+
+
+def _floor_c(group: dict) -> float:
+    return 1.0 - group["betas"][1] if group["vhat_floor"] == "grad" else -1.0
+
+
+def lowrank_uhat_sumsq_(g: torch.Tensor, q: torch.Tensor, ut: torch.Tensor, out: torch.Tensor, group: dict,
+                        eps: float) -> float:
+    """``out`` = Uhat for Vhat = Q U^T (``ut`` = U^T, (B, k, n)), floored as ``uhat_sumsq_``;
+    returns sum Uhat^2. Vhat is formed in registers 64 columns at a time, never stored."""
+    return _state["module"].lowrank_uhat_sumsq(g, q, ut, out, _floor_c(group), float(eps))
+
+
+def lowrank_sketch_uhat_(g: torch.Tensor, q: torch.Tensor, u: torch.Tensor, q_prev: torch.Tensor,
+                         u_prev: torch.Tensor, out: torch.Tensor, group: dict, eps: float,
+                         scale: float) -> tuple[float, list[float], list[float]]:
+    """A sketch step's ``residual_norms_``, ``Q U^T`` and ``uhat_sumsq_`` in one pass over G:
+    ``out`` = Uhat, and (sum Uhat^2, per matrix |V/scale|^2, per matrix |(V - Q U^T)/scale|^2)
+    with V = (1-beta2) G*G + beta2 Q_prev U_prev^T formed per row block, never stored.
+    q, q_prev (B, m, k), (B, m, k'); u, u_prev (B, n, k), (B, n, k'); k' may be 0."""
+    ut = u.mT.contiguous()
+    ut_prev = u_prev.mT.contiguous() if u_prev.shape[-1] else u_prev
+    return _state["module"].lowrank_sketch_uhat(g, q.contiguous(), ut, q_prev.contiguous(), ut_prev, out,
+                                                group["betas"][1], float(scale), _floor_c(group), float(eps))

@@ -71,10 +71,10 @@ def _run(fused, shapes, steps, grads, **kw):
     return params, opt
 
 
-def _close(a, b):
+def _close(a, b, rel=1e-6):
     """<= 1e-6 relative to the tensor's size (element-wise rtol would be met as well but for
     entries that sit at round-off, e.g. a factor column's near-zero components)."""
-    return float((a - b).norm()) <= 1e-6 * float(b.norm()) + 1e-12
+    return float((a - b).norm()) <= rel * float(b.norm()) + 1e-12
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def _close(a, b):
     ids=["defaults", "resketch3", "wd_bc_resketch2", "no_m_zero_floor"],
 )
 def test_optimizer_with_kernels_equals_its_torch_path(options):
-    shapes = [(40, 24), (2, 12, 30), (9,)]
+    shapes = [(40, 24), (2, 12, 30), (19, 70), (9,)]  # (19, 70): row and column tails of the kernels
     gen = torch.Generator().manual_seed(4)
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
     p_ref, o_ref = _run(False, shapes, 7, grads, **options)
@@ -96,16 +96,19 @@ def test_optimizer_with_kernels_equals_its_torch_path(options):
         if "rank" in sa:
             assert sa["rank"] == sb["rank"]
             assert sa["rel_error"] == pytest.approx(sb["rel_error"], rel=1e-4)
-            # Q U^T: the factors themselves are defined up to the signs of Q's columns.
-            assert _close(sa["Q"] @ sa["U"].mT, sb["Q"] @ sb["U"].mT)
+            # Q U^T: the factors themselves are defined up to the signs of Q's columns. 3e-6: the
+            # kernels' lowrank passes sum the k products in another order than MKL, and the
+            # subspace iteration amplifies round-off (measured 1.1e-6 after 7 steps on the
+            # (2, 12, 30) stack; W stays within 1e-6).
+            assert _close(sa["Q"] @ sa["U"].mT, sb["Q"] @ sb["U"].mT, rel=3e-6)
         if "exp_avg" in sb:
             assert _close(sa["exp_avg"], sb["exp_avg"])
 
 
 def test_the_default_and_fused_true_use_the_kernels_and_fused_false_does_not(monkeypatch):
     calls = []
-    real = cpu_adapprox.uhat_sumsq_
-    monkeypatch.setattr(cpu_adapprox, "uhat_sumsq_", lambda *a: calls.append(1) or real(*a))
+    real = cpu_adapprox.lowrank_sketch_uhat_  # a first step is a sketch step
+    monkeypatch.setattr(cpu_adapprox, "lowrank_sketch_uhat_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     for flags in (dict(), dict(fused=True), dict(fused=False), dict(foreach=False)):
         p = torch.nn.Parameter(torch.randn(6, 5))
         p.grad = torch.randn(6, 5)
@@ -141,8 +144,9 @@ def test_a_non_contiguous_gradient_takes_the_torch_ops_and_the_same_step():
 @pytest.mark.parametrize("resketch_every", [1, 4])
 def test_nonfinite_gradient_changes_nothing_on_the_kernel_path(bad, resketch_every, monkeypatch):
     calls = []
-    real = cpu_adapprox.square_sum
-    monkeypatch.setattr(cpu_adapprox, "square_sum", lambda *a: calls.append(1) or real(*a))
+    for name in ("square_sum", "lowrank_gram"):  # a sketch step's first pass, a projection step's
+        real = getattr(cpu_adapprox, name)
+        monkeypatch.setattr(cpu_adapprox, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     torch.manual_seed(5)
     p = torch.nn.Parameter(torch.randn(30, 20))
     opt = memopt.Adapprox([p], resketch_every=resketch_every)
@@ -155,7 +159,8 @@ def test_nonfinite_gradient_changes_nothing_on_the_kernel_path(bad, resketch_eve
     g[4, 7] = bad
     p.grad = g
     opt.step()
-    assert calls == [1, 1]  # both steps ran the kernel
+    # both steps ran the kernels; the second of resketch_every=4 is a projection step
+    assert calls == ["square_sum", "square_sum" if resketch_every == 1 else "lowrank_gram"]
     assert torch.equal(p.detach(), w)
     for k, v in before.items():
         if k != "nonfinite_skips":

@@ -64,8 +64,8 @@ def test_targets_and_byte_floor_columns():
         "MISSED: memopt CAME [fused=True] 1.75x AdamW fused (target <= 1.5x)",
     ]
     md = bench.markdown(report, "cmd", [])
-    # Adafactor moves 20 bytes/param: its byte floor is 12 ms * 20/12 = 20 ms, so 30 ms is 1.50x.
-    assert "| memopt Adafactor [fused=True] | adafactor | 30 | 0.75 | 2.50 | 20 | 1.50 |" in md
+    # Adafactor moves 16 bytes/param: its byte floor is 12 ms * 16/12 = 16 ms, so 30 ms is 1.88x.
+    assert "| memopt Adafactor [fused=True] | adafactor | 30 | 0.75 | 2.50 | 16 | 1.88 |" in md
 
 
 def test_fused_paths_add_fused_cases_and_deepspeed_cpu_adam():
