@@ -576,13 +576,21 @@ class Adapprox(MemoptOptimizer):
         B = g.shape[0]
         beta2 = group["betas"][1]
 
-        # The one m x n buffer of the step: G*G for the sketch, then V and the residual, then
-        # Vhat and Uhat. ``kern``: the fused C++ element-wise passes, or None for torch ops.
+        # The one m x n buffer of the step: G*G for the sketch's products (unless the kernels form
+        # it themselves), then V and the residual, then Vhat and Uhat. ``kern``: the fused C++
+        # passes, or None for torch ops.
         kern = cpu_kernels_for(group, p, g)
-        if kern and kern.LOWRANK_PASSES and not self._resketches(state["Q"].shape[-1], group, step):
+        lowrank = kern is not None and kern.LOWRANK_PASSES
+        if lowrank and not self._resketches(state["Q"].shape[-1], group, step):
             return self._projected_update(p, g, state, group, step, kern)
+        k_min, k_max = self._rank_limits(m, n, group)
+        # S-RSI's products take G*G from G inside the kernels when the sketch fits their width
+        g_products = lowrank and min(k_max + group["oversampling"], m, n) <= kern.MAX_SKETCH_COLUMNS
         buf = self._workspace(g.shape) if kern else torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        g2_sum = kern.square_sum(g, buf) if kern else float(torch.mul(g, g, out=buf).sum())
+        if g_products:
+            g2_sum = kern.sum_squares(g)
+        else:
+            g2_sum = kern.square_sum(g, buf) if kern else float(torch.mul(g, g, out=buf).sum())
         # > FLT_MAX: the kernel sums in double, where a float sum would have overflowed.
         if not math.isfinite(g2_sum) or g2_sum > _FLT_MAX:
             return False
@@ -594,15 +602,17 @@ class Adapprox(MemoptOptimizer):
         k_prev = state["Q"].shape[-1]  # 0 before the first step
         q_prev = state["Q"].view(B, m, k_prev)
         u_prev = state["U"].view(B, n, k_prev)
-        k_min, k_max = self._rank_limits(m, n, group)
-        apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
+        if g_products:
+            apply_v, apply_vt = kern.lowrank_operator(g, q_prev.contiguous(), u_prev, beta2)
+        else:
+            apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)
         k, sketch, fresh = self._sketch(q_prev, (B, m, n), state, group, step, p.device)
         q, u = answer_requests(sketch, apply_v, apply_vt)
 
         # -- error (sketch steps only), then Vhat and Uhat, all in the scratch buffer ---------
         c2, eps, step_size = corrections(group, step)
         error = 0.0
-        if kern and fresh and kern.LOWRANK_PASSES:
+        if lowrank and fresh:
             # V, the residual and Vhat formed per row block in one pass over G (kernels/
             # cpu_adapprox.cpp, lowrank_sketch_uhat); Uhat overwrites the buffer's G*G.
             uhat = buf

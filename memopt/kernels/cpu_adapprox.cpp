@@ -195,6 +195,23 @@ float gram16(const float* __restrict g, idx n, idx nr, const float* __restrict q
   }
   return total;
 }
+// out[r][l] = sum_j g[r][j]^2 * xp[j][l] for the block's nr <= 4 rows, l < 16 * RV (xp: X
+// padded to 16 * RV columns, n rows). Each row of X is loaded once for the 4 rows.
+template <int RV>
+void sx_rows(const float* __restrict g, const float* __restrict xp, idx nr, idx n, float* __restrict out) {
+  v16 acc[kBlockRows][RV] = {};
+  for (idx j = 0; j < n; ++j) {
+    v16 xv[RV];
+    for (int v = 0; v < RV; ++v) xv[v] = load16(xp + j * 16 * RV + 16 * v);
+    for (idx r = 0; r < kBlockRows; ++r) {
+      const float gj = r < nr ? g[r * n + j] : 0.0f;
+      const float sq = gj * gj;
+      for (int v = 0; v < RV; ++v) acc[r][v] += sq * xv[v];
+    }
+  }
+  for (idx r = 0; r < nr; ++r)
+    for (int v = 0; v < RV; ++v) store16(out + r * 16 * RV + 16 * v, acc[r][v]);
+}
 #pragma GCC pop_options
 
 // Z[kk][j] += sum_r q[r][kk] * g[r][j]^2 over one block of nr <= 4 rows; returns its sum of g^2.
@@ -468,7 +485,54 @@ std::tuple<double, std::vector<double>, std::vector<double>> lowrank_sketch_uhat
   return {total, v2s, r2s};
 }
 
+// sum G*G in double (inf/nan when G holds one, or when a square overflows): a sketch step's
+// finiteness check and scale, when its products form G*G themselves (lowrank_sx, lowrank_gram).
+double sum_squares(torch::Tensor g) {
+  check_f32(g, "g");
+  const float* gp = g.data_ptr<float>();
+  return parallel_block_sum(g.numel(), [=](idx lo, idx hi) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (idx j = lo; j < hi; ++j) acc += gp[j] * gp[j];
+    return acc;
+  });
+}
+
+// (G*G) X for g (B, m, n) and xp (B, n, 16 * RV) (X zero-padded to a multiple of 16 columns, at
+// most 64): (B, m, 16 * RV), the padding columns zero. G*G is formed in registers, never stored.
+torch::Tensor lowrank_sx(torch::Tensor g, torch::Tensor xp) {
+  check_f32(g, "g");
+  check_f32(xp, "xp");
+  TORCH_CHECK(g.dim() == 3 && xp.dim() == 3 && xp.size(0) == g.size(0) && xp.size(1) == g.size(2),
+              "memopt adapprox kernel: g must be (B, m, n) and xp (B, n, r)");
+  const idx B = g.size(0), m = g.size(1), n = g.size(2), w = xp.size(2);
+  TORCH_CHECK(w % 16 == 0 && w >= 16 && w <= 64, "memopt adapprox kernel: xp needs 16, 32, 48 or 64 columns");
+  auto out = torch::empty({B, m, w}, g.options());
+  const float* gp = g.data_ptr<float>();
+  const float* xpp = xp.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (idx b = 0; b < B; ++b) {
+    const float* gb = gp + b * m * n;
+    const float* xb = xpp + b * n * w;
+    float* ob = op + b * m * w;
+    at::parallel_for(0, m, std::max<idx>(kBlockRows, row_grain(n)), [&](idx lo, idx hi) {
+      for (idx i = lo; i < hi; i += kBlockRows) {
+        const idx nr = std::min(kBlockRows, hi - i);
+        switch (w / 16) {
+          case 1: sx_rows<1>(gb + i * n, xb, nr, n, ob + i * w); break;
+          case 2: sx_rows<2>(gb + i * n, xb, nr, n, ob + i * w); break;
+          case 3: sx_rows<3>(gb + i * n, xb, nr, n, ob + i * w); break;
+          default: sx_rows<4>(gb + i * n, xb, nr, n, ob + i * w); break;
+        }
+      }
+    });
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("sum_squares", &sum_squares, "sum G*G in double");
+  mod.def("lowrank_sx", &lowrank_sx, "(G*G) X with G*G formed in registers");
   mod.def("lowrank_sketch_uhat", &lowrank_sketch_uhat, "Uhat, sum Uhat^2 and the residual norms of a sketch step");
   mod.def("lowrank_gram", &lowrank_gram, "(sum G*G, Q^T (G*G)) of a projection step, G read once");
   mod.def("lowrank_uhat_sumsq", &lowrank_uhat_sumsq, "Uhat (and sum Uhat^2) with Vhat = Q U^T formed per row block");

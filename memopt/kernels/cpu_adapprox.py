@@ -123,3 +123,38 @@ def lowrank_sketch_uhat_(g: torch.Tensor, q: torch.Tensor, u: torch.Tensor, q_pr
     ut_prev = u_prev.mT.contiguous() if u_prev.shape[-1] else u_prev
     return _state["module"].lowrank_sketch_uhat(g, q.contiguous(), ut, q_prev.contiguous(), ut_prev, out,
                                                 group["betas"][1], float(scale), _floor_c(group), float(eps))
+
+
+def sum_squares(g: torch.Tensor) -> float:
+    """sum(g*g) in double (inf/nan when g holds one, or when a square overflows)."""
+    return _state["module"].sum_squares(g)
+
+
+#: The widest block the S-RSI product kernels take (columns of X or Y): wider sketches use the
+#: torch GEMMs through the buffer.
+MAX_SKETCH_COLUMNS = 64
+
+
+def lowrank_operator(g: torch.Tensor, q_prev: torch.Tensor, u_prev: torch.Tensor, beta2: float):
+    """``lowrank.second_moment_operator`` for V = beta2 Q_prev U_prev^T + (1-beta2) G*G with the
+    G*G products taken by the kernels from G itself (no m x n buffer): (X -> V X, Y -> V^T Y) for
+    X (B, n, r), Y (B, m, r), r <= MAX_SKETCH_COLUMNS."""
+    mod = _state["module"]
+    history = q_prev.shape[-1] > 0 and beta2 != 0.0
+
+    def apply_v(x):
+        r = x.shape[-1]
+        xp = torch.zeros(*x.shape[:-1], -(-r // 16) * 16)
+        xp[..., :r] = x
+        out = mod.lowrank_sx(g, xp)[..., :r].mul_(1.0 - beta2)
+        if history:
+            out.baddbmm_(q_prev, torch.bmm(u_prev.mT, x), alpha=beta2)
+        return out
+
+    def apply_vt(y):
+        z = mod.lowrank_gram(g, y.contiguous())[1].mul_(1.0 - beta2)  # (B, r, n)
+        if history:
+            z.baddbmm_(torch.bmm(y.mT, q_prev), u_prev.mT, alpha=beta2)
+        return z.mT
+
+    return apply_v, apply_vt

@@ -96,13 +96,14 @@ def test_optimizer_with_kernels_equals_its_torch_path(options):
         if "rank" in sa:
             assert sa["rank"] == sb["rank"]
             assert sa["rel_error"] == pytest.approx(sb["rel_error"], rel=1e-4)
-            # Q U^T: the factors themselves are defined up to the signs of Q's columns. 3e-6: the
-            # kernels' lowrank passes sum the k products in another order than MKL, and the
-            # subspace iteration amplifies round-off (measured 1.1e-6 after 7 steps on the
-            # (2, 12, 30) stack; W stays within 1e-6).
+            # Q U^T: the factors themselves are defined up to the signs of Q's columns. 3e-6 for
+            # it and for M: the kernels form the sketch's products and Vhat with their own sums
+            # of k products (not MKL's), the subspace iteration amplifies round-off, and so does
+            # Uhat = G / sqrt(Vhat) where Vhat is small (measured: Q U^T 1.1e-6, M 1.4e-6 on the
+            # (2, 12, 30) stack; W within 2e-8).
             assert _close(sa["Q"] @ sa["U"].mT, sb["Q"] @ sb["U"].mT, rel=3e-6)
         if "exp_avg" in sb:
-            assert _close(sa["exp_avg"], sb["exp_avg"])
+            assert _close(sa["exp_avg"], sb["exp_avg"], rel=3e-6)
 
 
 def test_the_default_and_fused_true_use_the_kernels_and_fused_false_does_not(monkeypatch):
@@ -144,7 +145,7 @@ def test_a_non_contiguous_gradient_takes_the_torch_ops_and_the_same_step():
 @pytest.mark.parametrize("resketch_every", [1, 4])
 def test_nonfinite_gradient_changes_nothing_on_the_kernel_path(bad, resketch_every, monkeypatch):
     calls = []
-    for name in ("square_sum", "lowrank_gram"):  # a sketch step's first pass, a projection step's
+    for name in ("sum_squares", "lowrank_gram"):  # a sketch step's first pass, a projection step's
         real = getattr(cpu_adapprox, name)
         monkeypatch.setattr(cpu_adapprox, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     torch.manual_seed(5)
@@ -160,7 +161,7 @@ def test_nonfinite_gradient_changes_nothing_on_the_kernel_path(bad, resketch_eve
     p.grad = g
     opt.step()
     # both steps ran the kernels; the second of resketch_every=4 is a projection step
-    assert calls == ["square_sum", "square_sum" if resketch_every == 1 else "lowrank_gram"]
+    assert calls == ["sum_squares", "sum_squares" if resketch_every == 1 else "lowrank_gram"]
     assert torch.equal(p.detach(), w)
     for k, v in before.items():
         if k != "nonfinite_skips":

@@ -53,6 +53,32 @@ def test_gram_of_a_nonfinite_gradient_says_so():
     assert total == float("inf")
 
 
+def test_sum_squares_sums_g_squared_and_sees_an_overflow():
+    g = torch.randn(3, 70_001) * 1e-3
+    assert cpu_adapprox.sum_squares(g) == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6)
+    g[1, 5] = 3e19  # finite, but its square is not a float
+    assert cpu_adapprox.sum_squares(g) > 3.4e38
+
+
+@pytest.mark.parametrize("r", [1, 5, 16, 21, 33, 64])
+@pytest.mark.parametrize("shape", [(1, 37, 70), (2, 9, 300)], ids=str)
+def test_operator_is_the_buffer_operator(shape, r):
+    """lowrank_operator (G*G formed inside lowrank_sx and lowrank_gram) against
+    lowrank.second_moment_operator on the explicit G*G, with and without history."""
+    from memopt.lowrank import second_moment_operator
+
+    B, m, n = shape
+    g, q_prev, u_prev = _factors(B, m, n, 4, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(B, n, r, generator=gen), torch.randn(B, m, r, generator=gen)
+    for qp, up in ((q_prev, u_prev), (q_prev[..., :0], u_prev[..., :0])):
+        ref_v, ref_vt = second_moment_operator(qp, up, g * g, 0.999)
+        got_v, got_vt = cpu_adapprox.lowrank_operator(g, qp.contiguous(), up, 0.999)
+        assert _rel(got_v(x), ref_v(x)) <= 1e-6
+        assert _rel(got_vt(y), ref_vt(y)) <= 1e-6
+        assert got_vt(y).shape == (B, n, r) and got_v(x).shape == (B, m, r)
+
+
 @pytest.mark.parametrize("floor", ["grad", "zero"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_uhat_from_the_factors_is_the_torch_ops(shape, floor):
