@@ -87,7 +87,7 @@ def accuracy(k_every: int, seed: int, steps: int) -> dict:
                 final_loss=statistics.fmean(losses[-10:]), first_loss=losses[0])
 
 
-def step_time(steps: int, warmup: int) -> list[dict]:
+def step_time(steps: int, warmup: int, kernels_only: bool = False) -> list[dict]:
     from gpt2_shapes import gpt2_shapes
 
     shapes = [s for _, s in gpt2_shapes()]
@@ -96,7 +96,7 @@ def step_time(steps: int, warmup: int) -> list[dict]:
     init = [torch.randn(s, generator=gen).mul_(0.02) for s in shapes]
     # label -> (build, cpu_adapprox.LOWRANK_PASSES for its steps, or None: not a kernel case)
     cases = {"torch AdamW(fused=True)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None)}
-    for k in KS:
+    for k in () if kernels_only else KS:
         cases[f"Adapprox resketch_every={k}, torch ops"] = (
             lambda ps, k=k: Adapprox(ps, resketch_every=k, fused=False), None)
     if cpu_adapprox.ready():
@@ -133,6 +133,8 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--time-steps", type=int, default=8, help="timed rounds (a multiple of every K)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="time AdamW and the fused-kernel cases only (not the torch-op path at every K)")
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args(argv)
     if args.time_steps % max(KS):
@@ -145,7 +147,7 @@ def main(argv=None):
         for r in out["accuracy"]:
             print(r, flush=True)
     if args.part in ("time", "both"):
-        out["time"] = step_time(args.time_steps, args.warmup)
+        out["time"] = step_time(args.time_steps, args.warmup, args.kernels_only)
         for r in out["time"]:
             print(r, flush=True)
     os.makedirs(args.out, exist_ok=True)
