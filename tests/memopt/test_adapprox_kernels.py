@@ -1,7 +1,7 @@
 """Adapprox's fused CPU element-wise passes (memopt/kernels/cpu_adapprox.cpp) against the torch ops
 they replace (memopt.adapprox_ops.uhat_, apply_update), and the optimizer with them (fused=None or
-True on CPU) against its torch path (fused=False): parameters, first moment and factors <= 1e-6
-relative over sketch and projection steps; a non-finite gradient skipped with nothing changed;
+True on CPU) against its torch path (fused=False) over sketch and projection steps: parameters
+<= 1e-6 relative, first moment and factors within the torch path's own one-ulp sensitivity; a non-finite gradient skipped with nothing changed;
 which path the flags pick."""
 from __future__ import annotations
 
@@ -71,10 +71,10 @@ def _run(fused, shapes, steps, grads, **kw):
     return params, opt
 
 
-def _close(a, b, rel=1e-6):
+def _close(a, b):
     """<= 1e-6 relative to the tensor's size (element-wise rtol would be met as well but for
     entries that sit at round-off, e.g. a factor column's near-zero components)."""
-    return float((a - b).norm()) <= rel * float(b.norm()) + 1e-12
+    return float((a - b).norm()) <= 1e-6 * float(b.norm()) + 1e-12
 
 
 @pytest.mark.parametrize(
@@ -84,26 +84,34 @@ def _close(a, b, rel=1e-6):
     ids=["defaults", "resketch3", "wd_bc_resketch2", "no_m_zero_floor"],
 )
 def test_optimizer_with_kernels_equals_its_torch_path(options):
+    """W within 1e-6 of the torch path. The factors and M within the round-off the algorithm
+    itself amplifies: the kernels form the sketch's products and Vhat with their own sums of k
+    products (not MKL's), and the subspace iteration and Uhat = G / sqrt(Vhat) (where Vhat is
+    small) magnify such differences, so the yardstick is how far the torch path itself moves when
+    every gradient entry moves by one ulp (measured: the kernel path's distance is 0.5-1.6x that)."""
     shapes = [(40, 24), (2, 12, 30), (19, 70), (9,)]  # (19, 70): row and column tails of the kernels
     gen = torch.Generator().manual_seed(4)
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
+    one_ulp = [[torch.nextafter(g, torch.full_like(g, float("inf"))) for g in gs] for gs in grads]
     p_ref, o_ref = _run(False, shapes, 7, grads, **options)
+    p_ulp, o_ulp = _run(False, shapes, 7, one_ulp, **options)
     p_got, o_got = _run(None, shapes, 7, grads, **options)
-    for a, b in zip(p_got, p_ref):
+
+    def dist(x, y):
+        return float((x - y).norm() / y.norm())
+
+    for a, b, c in zip(p_got, p_ref, p_ulp):
         assert _close(a.detach(), b.detach())
-        sa, sb = o_got.state[a], o_ref.state[b]
+        sa, sb, sc = o_got.state[a], o_ref.state[b], o_ulp.state[c]
         assert sa["step"] == sb["step"] == 7
         if "rank" in sa:
             assert sa["rank"] == sb["rank"]
             assert sa["rel_error"] == pytest.approx(sb["rel_error"], rel=1e-4)
-            # Q U^T: the factors themselves are defined up to the signs of Q's columns. 3e-6 for
-            # it and for M: the kernels form the sketch's products and Vhat with their own sums
-            # of k products (not MKL's), the subspace iteration amplifies round-off, and so does
-            # Uhat = G / sqrt(Vhat) where Vhat is small (measured: Q U^T 1.1e-6, M 1.4e-6 on the
-            # (2, 12, 30) stack; W within 2e-8).
-            assert _close(sa["Q"] @ sa["U"].mT, sb["Q"] @ sb["U"].mT, rel=3e-6)
+            # Q U^T: the factors themselves are defined up to the signs of Q's columns.
+            ref = sb["Q"] @ sb["U"].mT
+            assert dist(sa["Q"] @ sa["U"].mT, ref) <= 3 * dist(sc["Q"] @ sc["U"].mT, ref) + 1e-7
         if "exp_avg" in sb:
-            assert _close(sa["exp_avg"], sb["exp_avg"], rel=3e-6)
+            assert dist(sa["exp_avg"], sb["exp_avg"]) <= 3 * dist(sc["exp_avg"], sb["exp_avg"]) + 1e-7
 
 
 def test_the_default_and_fused_true_use_the_kernels_and_fused_false_does_not(monkeypatch):
