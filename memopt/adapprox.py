@@ -580,14 +580,16 @@ class Adapprox(MemoptOptimizer):
         # it themselves), then V and the residual, then Vhat and Uhat. ``kern``: the fused C++
         # passes, or None for torch ops.
         kern = cpu_kernels_for(group, p, g)
-        lowrank = kern is not None and kern.LOWRANK_PASSES
-        if lowrank and not self._resketches(state["Q"].shape[-1], group, step):
-            return self._projected_update(p, g, state, group, step, kern)
+        k_prev = state["Q"].shape[-1]  # 0 before the first step
         k_min, k_max = self._rank_limits(m, n, group)
-        # S-RSI's products take G*G from G inside the kernels when the sketch fits their width
-        g_products = lowrank and min(k_max + group["oversampling"], m, n) <= kern.MAX_SKETCH_COLUMNS
+        # The kernels form G*G, V and Vhat themselves when the widest block (the sketch, or a
+        # rank carried over from another k_max) fits their width.
+        widest = max(min(k_max + group["oversampling"], m, n), k_prev)
+        lowrank = kern is not None and kern.LOWRANK_PASSES and widest <= kern.MAX_SKETCH_COLUMNS
+        if lowrank and not self._resketches(k_prev, group, step):
+            return self._projected_update(p, g, state, group, step, kern)
         buf = self._workspace(g.shape) if kern else torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        if g_products:
+        if lowrank:
             g2_sum = kern.sum_squares(g)
         else:
             g2_sum = kern.square_sum(g, buf) if kern else float(torch.mul(g, g, out=buf).sum())
@@ -599,10 +601,9 @@ class Adapprox(MemoptOptimizer):
         g2_mean = g2_sum / buf.numel() or 1.0
 
         # -- S-RSI: Q, U of V_t = beta2 * Q_prev U_prev^T + (1 - beta2) * G*G -------------
-        k_prev = state["Q"].shape[-1]  # 0 before the first step
         q_prev = state["Q"].view(B, m, k_prev)
         u_prev = state["U"].view(B, n, k_prev)
-        if g_products:
+        if lowrank:
             apply_v, apply_vt = kern.lowrank_operator(g, q_prev.contiguous(), u_prev, beta2)
         else:
             apply_v, apply_vt = second_moment_operator(q_prev, u_prev, buf, beta2)

@@ -141,3 +141,24 @@ def test_the_switch_turns_the_lowrank_passes_off_and_both_paths_agree(resketch_e
     assert finals[True][2] == 6 and finals[False][2] == 0
     assert finals[True][1] == finals[False][1]
     assert _rel(finals[True][0], finals[False][0]) <= 1e-6
+
+
+def test_a_sketch_wider_than_the_kernels_takes_the_buffer_path(monkeypatch):
+    """k_max + oversampling > 64: the GEMMs through the buffer (no lowrank kernel asked, no
+    error), and the same step as the torch path."""
+    calls = []
+    for name in ("lowrank_gram", "lowrank_sketch_uhat_", "lowrank_operator"):
+        real = getattr(cpu_adapprox, name)
+        monkeypatch.setattr(cpu_adapprox, name, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(90, 100, generator=gen) for _ in range(3)]
+    finals = []
+    for fused in (None, False):
+        p = torch.nn.Parameter(torch.randn(90, 100, generator=torch.Generator().manual_seed(9)))
+        opt = memopt.Adapprox([p], lr=1e-2, k_max=70, k_init=70, resketch_every=2, fused=fused)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        finals.append(p.detach().clone())
+    assert calls == []
+    assert _rel(finals[0], finals[1]) <= 1e-6
