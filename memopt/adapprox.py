@@ -615,7 +615,7 @@ class Adapprox(MemoptOptimizer):
         error = 0.0
         if lowrank and fresh:
             # V, the residual and Vhat formed per row block in one pass over G (kernels/
-            # cpu_adapprox.cpp, lowrank_sketch_uhat); Uhat overwrites the buffer's G*G.
+            # cpu_adapprox.cpp, lowrank_sketch_uhat); only Uhat goes into the buffer.
             uhat = buf
             u_sq, v2, r2 = kern.lowrank_sketch_uhat_(g, q, u, q_prev, u_prev, uhat, group, eps, scale=g2_mean)
             error = worst_error(v2, r2)

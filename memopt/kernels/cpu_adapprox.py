@@ -1,4 +1,6 @@
-"""Adapprox's fused element-wise CPU passes (``cpu_adapprox.cpp``), built on first use and cached.
+"""Adapprox's fused CPU passes (``cpu_adapprox.cpp``), built on first use and cached: the
+element-wise passes of a step, and the ``lowrank_*`` passes that form G*G, V, the residual and
+Vhat = Q U^T per row block instead of through an m x n buffer.
 
 A separate extension from ``cpu_kernels.cpp`` (Adafactor, CAME, LOMO) because it is built with
 ``-ffp-contract=off``: its kernels reproduce the torch path's element-wise bits
@@ -144,7 +146,7 @@ def lowrank_operator(g: torch.Tensor, q_prev: torch.Tensor, u_prev: torch.Tensor
 
     def apply_v(x):
         r = x.shape[-1]
-        xp = torch.zeros(*x.shape[:-1], -(-r // 16) * 16)
+        xp = x.new_zeros(*x.shape[:-1], -(-r // 16) * 16)  # padded to whole 16-float vectors
         xp[..., :r] = x
         out = mod.lowrank_sx(g, xp)[..., :r].mul_(1.0 - beta2)
         if history:
