@@ -393,7 +393,7 @@ std::tuple<double, torch::Tensor> lowrank_gram(torch::Tensor g, torch::Tensor q)
 }
 
 // out = Uhat for Vhat = Q U^T (ut = U^T, (B, k, n)), floored as uhat_sumsq; returns sum Uhat^2
-// (double). Vhat is formed 64 columns at a time and never stored: out is written once.
+// (double). Vhat is formed 4 rows x 32 columns at a time and never stored: out is written once.
 double lowrank_uhat_sumsq(torch::Tensor g, torch::Tensor q, torch::Tensor ut, torch::Tensor out, double floor_c,
                           double eps) {
   const LowRank s = lowrank_shapes(g, q, &ut);
