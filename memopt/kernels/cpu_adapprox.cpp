@@ -214,11 +214,16 @@ void sx_rows(const float* __restrict g, const float* __restrict xp, idx nr, idx 
 }
 #pragma GCC pop_options
 
-// Z[kk][j] += sum_r q[r][kk] * g[r][j]^2 over one block of nr <= 4 rows; returns its sum of g^2.
-float gram_block(const float* __restrict g, const float* __restrict q, float* __restrict z, idx nr, idx n, idx k) {
-  float qv[kBlockRows * 64];  // k <= 64
+// The block's q rows (k <= 64 entries each), zero past the nr rows it has.
+void block_q(const float* __restrict q, idx nr, idx k, float* __restrict qv) {
   for (idx r = 0; r < kBlockRows; ++r)
     for (idx kk = 0; kk < k; ++kk) qv[r * k + kk] = r < nr ? q[r * k + kk] : 0.0f;
+}
+
+// Z[kk][j] += sum_r q[r][kk] * g[r][j]^2 over one block of nr <= 4 rows; returns its sum of g^2.
+float gram_block(const float* __restrict g, const float* __restrict q, float* __restrict z, idx nr, idx n, idx k) {
+  float qv[kBlockRows * 64];
+  block_q(q, nr, k, qv);
   float total = 0.0f;
   idx j0 = 0;
   for (; j0 + 16 <= n; j0 += 16) total += gram16(g, n, nr, qv, k, z, j0);
@@ -229,12 +234,6 @@ float gram_block(const float* __restrict g, const float* __restrict q, float* __
       for (idx kk = 0; kk < k; ++kk) z[kk * n + j0] += qv[r * k + kk] * x;
     }
   return total;
-}
-
-// The block's q rows (k <= 64 entries each), zero past the nr rows it has.
-void block_q(const float* __restrict q, idx nr, idx k, float* __restrict qv) {
-  for (idx r = 0; r < kBlockRows; ++r)
-    for (idx kk = 0; kk < k; ++kk) qv[r * k + kk] = r < nr ? q[r * k + kk] : 0.0f;
 }
 
 // out[r * n + j] = sum_kk q[r * k + kk] * ut[kk * n + j] for a block's nr <= 4 rows (q: their
