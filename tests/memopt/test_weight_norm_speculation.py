@@ -18,10 +18,14 @@ pytestmark = pytest.mark.skipif(not kernels.available("cpu"), reason="memopt's C
 
 OPTIMIZERS = {
     "adafactor": lambda ps, **f: memopt.Adafactor(ps, **f),
+    "adafactor_beta1": lambda ps, **f: memopt.Adafactor(ps, beta1=0.9, **f),
     "adafactor_beta1_wd": lambda ps, **f: memopt.Adafactor(ps, beta1=0.9, weight_decay=0.1, **f),
+    "adalomo": lambda ps, **f: memopt.AdaLomo(ps, lr=1e-2, **f),
     "adalomo_wd": lambda ps, **f: memopt.AdaLomo(ps, lr=1e-2, weight_decay=0.1, **f),
 }
-SHAPES = [(13,), (6, 10), (3, 4, 7), (300, 128)]
+# Row lengths below, at and between multiples of the kernel's 32-float vector step (10, 7: tail
+# only; 128: no tail; 45: both), so every order the row sums of squares are taken in is covered.
+SHAPES = [(13,), (6, 10), (3, 4, 7), (300, 128), (20, 45)]
 
 
 def cpu_module():
@@ -53,7 +57,7 @@ def test_unedited_run_gives_the_bits_of_the_kernel_that_reads_w(name, monkeypatc
         grads(params, g1)
         opt.step()
     assert cpu_module().repairs == before
-    assert len(opt.__dict__["_row_sq_cache"]) == 3  # the three matrices; the vector has no rows
+    assert len(opt.__dict__["_row_sq_cache"]) == 4  # the four matrices; the vector has no rows
 
     monkeypatch.setattr(cpu_module(), "SPECULATE_WEIGHT_NORM", False)
     ref, ref_opt = make(name)
