@@ -165,20 +165,36 @@ void factored_row_momentum(float* __restrict w, float* __restrict mo, const floa
 }
 
 // CAME pass 2 of one row: U = (g*coef)*s_j, M = b1*M + ob1*U, col_j += (U-M)^2; returns the row's sum.
+// (The row sum in two vector accumulators, as sum_sq: one `omp simd` accumulator made this
+// pass compute-bound on one thread.)
 float came_moment_row(const float* __restrict g, float* __restrict mo, const float* __restrict s,
                       float* __restrict col, float coef, float b1, float ob1, idx n) {
-  float rsum = 0.0f;
-#pragma omp simd reduction(+ : rsum)
-  for (idx j = 0; j < n; ++j) {
+  auto lanes = [&](idx j) {
+    const vf16 u = (load16(g + j) * coef) * load16(s + j);
+    const vf16 mn = load16(mo + j) * b1 + ob1 * u;
+    store16(mo + j, mn);
+    const vf16 d = u - mn;
+    const vf16 r2 = d * d;
+    store16(col + j, load16(col + j) + r2);
+    return r2;
+  };
+  vf16 a0 = {}, a1 = {};
+  idx j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    a0 += lanes(j);
+    a1 += lanes(j + kLanes);
+  }
+  float tail = 0.0f;
+  for (; j < n; ++j) {
     const float u = (g[j] * coef) * s[j];
     const float mn = mo[j] * b1 + ob1 * u;
     mo[j] = mn;
     const float d = u - mn;
     const float r2 = d * d;
-    rsum += r2;
+    tail += r2;
     col[j] += r2;
   }
-  return rsum;
+  return lanes_sum(a0 + a1) + tail;
 }
 
 // w += (M * ra) * rs_j
