@@ -110,7 +110,7 @@ def _floor_c(group: dict) -> float:
 def lowrank_uhat_sumsq_(g: torch.Tensor, q: torch.Tensor, ut: torch.Tensor, out: torch.Tensor, group: dict,
                         eps: float) -> float:
     """``out`` = Uhat for Vhat = Q U^T (``ut`` = U^T, (B, k, n)), floored as ``uhat_sumsq_``;
-    returns sum Uhat^2. Vhat is formed in registers, 4 rows x 32 columns at a time, never stored."""
+    returns sum Uhat^2. Vhat is formed in registers, 8 rows x 16 columns at a time, never stored."""
     return _state["module"].lowrank_uhat_sumsq(g, q, ut, out, _floor_c(group), float(eps))
 
 

@@ -1,8 +1,8 @@
 """Adapprox's lowrank_* CPU kernels (memopt/kernels/cpu_adapprox.cpp), which form G*G, V, the
 residual and Vhat = Q U^T per row block instead of through the m x n buffer, against the torch
 ops they replace (lowrank.vt_matmul's S part, residual_norms_, Q U^T + uhat_): within float
-round-off, on shapes that exercise every tail (rows not a multiple of the 4-row block, columns
-not a multiple of the 16/32-column vectors, several matrices, ranks 1 to 64). The optimizer-level
+round-off, on shapes that exercise every tail (rows not a multiple of the 8-row block, columns
+not a multiple of the 16-column panels, several matrices, ranks 1 to 64). The optimizer-level
 agreement (projection and sketch steps vs fused=False) is in test_adapprox_kernels.py."""
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -81,3 +82,28 @@ def test_adapprox_rows_per_resketch_every():
     assert [c.label for c in cases] == ["memopt Adapprox", "memopt Adapprox (resketch_every=8)"]
     opt = cases[1].build([torch.nn.Parameter(torch.zeros(4, 3))]).__self__  # build returns opt.step
     assert opt.param_groups[0]["resketch_every"] == 8
+    assert [c.cycle for c in cases] == [1, 8]
+
+
+def test_a_resketch_row_is_judged_by_its_mean_over_whole_cycles_not_its_median():
+    row = dict(min_ms=0.0, state_bytes=0)
+    # 7 projection steps of 20 ms and one sketch of 100 ms: median 20, mean 30.
+    ts = [20.0] * 7 + [100.0]
+    report = dict(
+        params=1, layers=1, warmup=0, timed_steps=8, torch="x", threads=2, cpus=2,
+        results=[
+            dict(row, times_ms=[12.0], label="floor", algorithm="floor", implementation="torch", median_ms=12.0),
+            dict(row, times_ms=[10.0], label="torch AdamW (fused)", algorithm="adamw", implementation="torch",
+                 median_ms=10.0),
+            dict(row, times_ms=ts, label="memopt Adapprox (resketch_every=8)", algorithm="adapprox",
+                 implementation="memopt", median_ms=20.0, cycle=8, cycle_mean_ms=30.0),
+        ],
+    )
+    assert bench.target_lines(report) == ["MET: memopt Adapprox (resketch_every=8) 3.00x AdamW fused (target <= 3.0x)"]
+    assert "| memopt Adapprox (resketch_every=8) | adapprox | 30 mean (median 20) | 3.00 |" in bench.markdown(report, "c", [])
+
+
+def test_steps_must_hold_whole_resketch_cycles(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "10", "--adapprox-resketch", "1", "8", "--out", "/nonexistent"])
+    assert "multiple of every --adapprox-resketch K" in capsys.readouterr().err
