@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADER = Path(__file__).with_name("vec16.h")  # included by SOURCE: part of the build hash
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 #: The wrappers read 0-d tensor scalars on the host and return ``ok`` from a host bool: free on
@@ -41,7 +42,7 @@ _failed: str | None = None
 
 def build_name() -> str:
     """The extension's name: the source and flags hashed, so a change rebuilds."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
     return f"memopt_cpu_kernels_{digest}"
 
 

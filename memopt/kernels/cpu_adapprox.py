@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_adapprox.cpp")
+HEADER = Path(__file__).with_name("vec16.h")  # included by SOURCE: part of the build hash
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 
 #: Whether Adapprox forms V, the residual and Vhat = Q U^T per row block inside the kernels'
@@ -42,7 +43,7 @@ def _build():
         raise RuntimeError(f"no C++ compiler ({compiler!r} not on PATH)")
     from torch.utils.cpp_extension import load as cpp_load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
     try:
         return cpp_load(name=f"memopt_cpu_adapprox_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
                         extra_ldflags=["-fopenmp"], verbose=False)

@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
 
 using idx = int64_t;
@@ -37,37 +39,7 @@ double py_max(double lo, double x) { return x > lo ? x : lo; }
 // passed by value, not loops in the at::parallel_for lambdas: there every pointer and scalar is
 // read through the closure, which GCC cannot prove the stores leave alone, and the loops ran
 // 2.5x slower (LOMO, 1 thread: 26 vs 10.7 ms on 19M elements).
-// Sums of squares go through explicit vectors (GCC/Clang vector types; 16 floats, one AVX-512
-// register, two AVX2 ones): an `omp simd` reduction kept one accumulator, a chain of dependent
-// adds, and the sums of rows already in L1 (pass 2 measures each W row before and after its
-// update) were compute-bound at a third of the memory stream's speed. The order is fixed by this
-// code, not by the ISA: lanes j mod 32 in two accumulators, then the tail in order, then the lanes
-// added in order. Every sum of squares of a W row (pass 1's, and pass 2's before/after) must use
-// this same order: the speculation compares them bit for bit.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef float vf16u __attribute__((vector_size(64), aligned(4)));  // an unaligned load/store
-constexpr idx kLanes = 16;
-
-inline vf16 load16(const float* p) { return *(const vf16u*)p; }
-inline void store16(float* p, vf16 v) { *(vf16u*)p = v; }
-inline float lanes_sum(vf16 v) {
-  float s = 0.0f;
-  for (int k = 0; k < kLanes; ++k) s += v[k];
-  return s;
-}
-
-float sum_sq(const float* __restrict x, idx n) {
-  vf16 a0 = {}, a1 = {};
-  idx j = 0;
-  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
-    const vf16 x0 = load16(x + j), x1 = load16(x + j + kLanes);
-    a0 += x0 * x0;
-    a1 += x1 * x1;
-  }
-  float tail = 0.0f;
-  for (; j < n; ++j) tail += x[j] * x[j];
-  return lanes_sum(a0 + a1) + tail;
-}
+// Vectors and sum_sq: vec16.h.
 
 // One pass over a W row that updates it and measures it: w_j <- op(j, w_j) (vop on 16 lanes at
 // j, sop on one element in the tail), returning sum_sq of the row before and after, in sum_sq's
