@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
